@@ -1,0 +1,357 @@
+"""Hugging Face safetensors directories -> Flax param trees, placed tensor by tensor.
+
+Safetensors files are memory-mapped (the format is a JSON header plus raw little-endian data),
+so a tensor is read only when it is placed, and with shardings each device reads only its own
+slice: an 11B model is never held twice in host memory. bf16 is read through ml_dtypes,
+which the `safetensors` numpy backend cannot do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from pplug_jax.models import bert as bert_lib
+from pplug_jax.models import t5 as t5_lib
+
+Params = dict[str, Any]
+Transform = Callable[[np.ndarray], np.ndarray]
+
+_ST_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+    'BOOL': np.bool_,
+}
+_PICKLE_NAMES = ('pytorch_model.bin', 'pytorch_model.bin.index.json', 'model.pt', 'model.ckpt')
+
+
+class CheckpointError(ValueError):
+  """A model directory that cannot be loaded; the message says what to do."""
+
+
+class SafetensorsDir:
+  """Read-only view of the tensors of a Hugging Face model directory."""
+
+  def __init__(self, path: str):
+    self.path = path
+    if not os.path.isdir(path):
+      raise CheckpointError(f'{path}: not a directory. Point the config at a Hugging Face model '
+                            'directory holding config.json and model.safetensors.')
+    files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if not files:
+      pickles = [f for f in os.listdir(path) if f in _PICKLE_NAMES or f.endswith('.bin')]
+      if pickles:
+        raise CheckpointError(
+            f'{path}: only pickle checkpoints ({", ".join(sorted(pickles))}); they are refused '
+            'because unpickling runs arbitrary code. Convert once with: python -c "from '
+            "transformers import AutoModel; AutoModel.from_pretrained('" + path +
+            "').save_pretrained('" + path + "-safetensors')\" and point the config there.")
+      raise CheckpointError(f'{path}: no *.safetensors file. Download the model with its '
+                            'model.safetensors (or the sharded model-*.safetensors + index).')
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)['weight_map']
+      files = sorted(set(weight_map.values()))
+    self._entries: dict[str, tuple[str, dict]] = {}
+    for name in files:
+      file = os.path.join(path, name)
+      if not os.path.exists(file):
+        raise CheckpointError(f'{index}: names shard {name}, which is missing from {path}.')
+      for key, info in _read_header(file).items():
+        self._entries[key] = (file, info)
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._entries
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self._entries[key][1]['shape'])
+
+  def get(self, key: str) -> np.ndarray:
+    """Memory-mapped, read-only numpy view of one tensor."""
+    file, info = self._entries[key]
+    start, end = info['data_offsets']
+    dtype = np.dtype(_ST_DTYPES[info['dtype']])
+    shape = tuple(info['shape'])
+    if end == start:
+      return np.zeros(shape, dtype)
+    return np.memmap(file, dtype=dtype, mode='r', offset=info['_base'] + start, shape=shape)
+
+
+def _read_header(file: str) -> dict[str, dict]:
+  with open(file, 'rb') as f:
+    (n,) = struct.unpack('<Q', f.read(8))
+    header = json.loads(f.read(n))
+  header.pop('__metadata__', None)
+  for info in header.values():
+    if info['dtype'] not in _ST_DTYPES:
+      raise CheckpointError(f'{file}: unsupported tensor dtype {info["dtype"]}.')
+    info['_base'] = 8 + n
+  return header
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+  file = os.path.join(path, 'config.json')
+  if not os.path.exists(file):
+    raise CheckpointError(f'{path}: no config.json. Use a full Hugging Face model directory.')
+  with open(file) as f:
+    return json.load(f)
+
+
+_T = lambda a: a.T  # torch Linear (out, in) -> Flax kernel (in, out)
+_I = lambda a: a
+
+
+def _t5_mapping(c: t5_lib.T5Config) -> dict[tuple[str, ...], tuple[str, Transform]]:
+  m = {('token_embedder', 'embedding'): ('shared.weight', _I)}
+  attn = {'query': 'q', 'key': 'k', 'value': 'v', 'out': 'o'}
+  mlp = ['wi_0', 'wi_1', 'wo'] if c.gated else ['wi', 'wo']
+
+  def block(stack: str, i: int, sub: list[tuple[str, str, str]]):
+    for j, (norm, name, hf_name) in enumerate(sub):
+      pre = f'{stack}.block.{i}.layer.{j}'
+      m[(stack, f'layers_{i}', norm, 'scale')] = (f'{pre}.layer_norm.weight', _I)
+      if name == 'mlp':
+        for w in mlp:
+          m[(stack, f'layers_{i}', 'mlp', w, 'kernel')] = (f'{pre}.DenseReluDense.{w}.weight', _T)
+      else:
+        for ours, theirs in attn.items():
+          m[(stack, f'layers_{i}', name, ours, 'kernel')] = (f'{pre}.{hf_name}.{theirs}.weight',
+                                                             _T)
+
+  for i in range(c.num_encoder_layers):
+    block('encoder', i, [('pre_attention_layer_norm', 'attention', 'SelfAttention'),
+                         ('pre_mlp_layer_norm', 'mlp', '')])
+  for i in range(c.num_decoder_layers):
+    block('decoder', i, [('pre_self_attention_layer_norm', 'self_attention', 'SelfAttention'),
+                         ('pre_cross_attention_layer_norm', 'encoder_decoder_attention',
+                          'EncDecAttention'), ('pre_mlp_layer_norm', 'mlp', '')])
+  for stack in ('encoder', 'decoder'):
+    m[(stack, 'relpos_bias', 'rel_embedding')] = (
+        f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', _T)
+    m[(stack, f'{stack}_norm', 'scale')] = (f'{stack}.final_layer_norm.weight', _I)
+  if not c.tie_word_embeddings:
+    m[('decoder', 'logits_dense', 'kernel')] = ('lm_head.weight', _T)
+  return m
+
+
+_T5_IGNORED = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight',
+               'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight')
+
+
+def _bert_mapping(c: bert_lib.BertConfig, prefix: str) -> dict[tuple[str, ...], tuple[str, Transform]]:
+  p = prefix
+  m = {
+      ('word_embeddings', 'embedding'): (f'{p}embeddings.word_embeddings.weight', _I),
+      ('position_embeddings', 'embedding'): (f'{p}embeddings.position_embeddings.weight', _I),
+      ('token_type_embeddings', 'embedding'): (f'{p}embeddings.token_type_embeddings.weight', _I),
+      ('embeddings_norm', 'scale'): (f'{p}embeddings.LayerNorm.weight', _I),
+      ('embeddings_norm', 'bias'): (f'{p}embeddings.LayerNorm.bias', _I),
+  }
+  parts = {'query': 'attention.self.query', 'key': 'attention.self.key',
+           'value': 'attention.self.value', 'attention_out': 'attention.output.dense',
+           'wi': 'intermediate.dense', 'wo': 'output.dense'}
+  norms = {'attention_norm': 'attention.output.LayerNorm', 'mlp_norm': 'output.LayerNorm'}
+  for i in range(c.num_hidden_layers):
+    pre = f'{p}encoder.layer.{i}'
+    for ours, theirs in parts.items():
+      m[(f'layers_{i}', ours, 'kernel')] = (f'{pre}.{theirs}.weight', _T)
+      m[(f'layers_{i}', ours, 'bias')] = (f'{pre}.{theirs}.bias', _I)
+    for ours, theirs in norms.items():
+      m[(f'layers_{i}', ours, 'scale')] = (f'{pre}.{theirs}.weight', _I)
+      m[(f'layers_{i}', ours, 'bias')] = (f'{pre}.{theirs}.bias', _I)
+  return m
+
+
+def _is_ignored_bert_key(key: str, prefix: str) -> bool:
+  rest = key[len(prefix):] if key.startswith(prefix) else key
+  return rest.startswith(('pooler.', 'embeddings.position_ids')) or key.startswith('cls.')
+
+
+def _stack_scanned(mapping: dict, num_layers: dict[str, int]) -> dict:
+  """Groups per-layer entries `stack/layers_i/...` into `stack/layers/...` lists (nn.scan)."""
+  out: dict[tuple[str, ...], list] = {}
+  for path, entry in mapping.items():
+    if len(path) > 1 and path[1].startswith('layers_'):
+      i = int(path[1][len('layers_'):])
+      lst = out.setdefault((path[0], 'layers', *path[2:]), [None] * num_layers[path[0]])
+      lst[i] = entry
+    else:
+      out[path] = [entry]
+  return out
+
+
+def _place(arr: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """Puts one host tensor on device(s); with a sharding each device copies only its slice."""
+  if sharding is None:
+    return jnp.asarray(np.asarray(arr).astype(dtype))
+  return jax.make_array_from_callback(arr.shape, sharding,
+                                      lambda idx: np.asarray(arr[idx]).astype(dtype))
+
+
+def _is_scanned(path: tuple[str, ...]) -> bool:
+  return len(path) > 1 and path[1] == 'layers'
+
+
+def load_mapped(ckpt: SafetensorsDir, mapping: dict[tuple[str, ...], list[tuple[str, Transform]]],
+                expected: Params, dtype: Any, shardings: Params | None,
+                ignored: Callable[[str], bool]) -> Params:
+  """Loads each expected param from its HF tensor(s); one error lists every problem."""
+  flat_expected = traverse_util.flatten_dict(expected)
+  flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+  missing, bad_shape, problems = [], [], []
+  used: set[str] = set()
+  for path in flat_expected:
+    if path not in mapping:
+      problems.append(f'no Hugging Face name known for parameter {"/".join(path)}')
+  for path, entries in mapping.items():
+    want = tuple(flat_expected[path].shape) if path in flat_expected else None
+    for key, fn in entries:
+      used.add(key)
+      if key not in ckpt:
+        missing.append(key)
+      elif want is not None:
+        got = tuple(fn(np.empty(ckpt.shape(key), np.bool_)).shape)
+        per_layer = want[1:] if _is_scanned(path) else want
+        if got != per_layer:
+          bad_shape.append(f'{key}: {ckpt.shape(key)} in the file, which maps to {got} for '
+                           f'{"/".join(path)}; the config needs {per_layer}')
+  unexpected = sorted(k for k in ckpt.keys() if k not in used and not ignored(k))
+  if missing or bad_shape or unexpected or problems:
+    lines = [f'{ckpt.path}: the checkpoint does not match the model config.json describes.']
+    lines += [f'  missing tensor: {k}' for k in sorted(missing)]
+    lines += [f'  wrong shape: {k}' for k in bad_shape]
+    lines += [f'  unexpected tensor: {k}' for k in unexpected]
+    lines += [f'  {p}' for p in problems]
+    raise CheckpointError('\n'.join(lines))
+
+  flat_out = {}
+  for path in flat_expected:
+    entries = mapping[path]
+    if _is_scanned(path):  # stack the per-layer tensors (one parameter's worth of host memory)
+      host = np.stack([fn(ckpt.get(k)) for k, fn in entries])
+    else:
+      key, fn = entries[0]
+      host = fn(ckpt.get(key))
+    flat_out[path] = _place(host, dtype, flat_shardings.get(path))
+  return traverse_util.unflatten_dict(flat_out)
+
+
+def _abstract_params(model, *args, boxed: bool = False) -> Params:
+  from flax import linen as nn
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))['params']
+  return shapes if boxed else nn.meta.unbox(shapes)
+
+
+def t5_abstract_params(config: t5_lib.T5Config, boxed: bool = True) -> Params:
+  """Shape/dtype tree of T5 params; boxed with logical axis names for sharding derivation."""
+  return _abstract_params(t5_lib.T5(config), jnp.zeros((1, 1, config.d_model)),
+                          jnp.ones((1, 1)), jnp.zeros((1, 1), jnp.int32), boxed=boxed)
+
+
+def bert_abstract_params(config: bert_lib.BertConfig, boxed: bool = True) -> Params:
+  """Shape/dtype tree of BERT params; boxed with logical axis names."""
+  return _abstract_params(bert_lib.Bert(config), jnp.zeros((1, 1), jnp.int32),
+                          jnp.ones((1, 1), jnp.int32), boxed=boxed)
+
+
+def load_t5_config(path: str, dtype: Any = jnp.float32, **config_overrides) -> t5_lib.T5Config:
+  """The T5Config of a Hugging Face T5 directory; a separate lm_head.weight means untied."""
+  hf = read_hf_config(path)
+  if hf.get('model_type') not in (None, 't5'):
+    raise CheckpointError(f'{path}/config.json: model_type={hf.get("model_type")!r}, not t5.')
+  overrides = dict(param_dtype=dtype, **config_overrides)
+  overrides['tie_word_embeddings'] = 'lm_head.weight' not in SafetensorsDir(path)
+  return t5_lib.T5Config.from_hf(hf, **overrides)
+
+
+def _resolve_shardings(shardings, abstract_boxed):
+  return shardings(abstract_boxed) if callable(shardings) else shardings
+
+
+def load_t5(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
+            **config_overrides) -> tuple[t5_lib.T5Config, Params]:
+  """Loads a Hugging Face T5/FlanT5 directory as (T5Config, params) with params in `dtype`.
+
+  `shardings` is a tree like the params of NamedShardings, or a function from the boxed
+  abstract params (logical axis names) to one; each tensor goes straight into its sharding.
+  `config_overrides` set T5Config fields (compute `dtype` is set with dataclasses.replace).
+  """
+  ckpt = SafetensorsDir(path)
+  config = load_t5_config(path, dtype, **config_overrides)
+  boxed = t5_abstract_params(config)
+  mapping = {k: [v] for k, v in _t5_mapping(config).items()}
+  if config.scan_layers:
+    mapping = _stack_scanned(_t5_mapping(config), {'encoder': config.num_encoder_layers,
+                                                   'decoder': config.num_decoder_layers})
+  params = load_mapped(ckpt, mapping, _unbox(boxed), dtype,
+                       _resolve_shardings(shardings, boxed), lambda k: k in _T5_IGNORED)
+  return config, params
+
+
+def _unbox(tree):
+  from flax import linen as nn
+  return nn.meta.unbox(tree)
+
+
+def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
+              **config_overrides) -> tuple[bert_lib.BertConfig, Params]:
+  """Loads a Hugging Face BERT directory (BGE, MiniLM, Contriever) as (BertConfig, params).
+
+  Pooling defaults to the sentence-transformers setting in `1_Pooling/config.json` when the
+  directory has one; pass `pooling=` / `normalize=` to choose.
+  """
+  ckpt = SafetensorsDir(path)
+  hf = read_hf_config(path)
+  if hf.get('model_type') not in (None, 'bert'):
+    raise CheckpointError(f'{path}/config.json: model_type={hf.get("model_type")!r}, not bert.')
+  overrides = dict(param_dtype=dtype)
+  overrides.update(sentence_transformers_pooling(path))
+  overrides.update(config_overrides)
+  config = bert_lib.BertConfig.from_hf(hf, **overrides)
+  prefix = 'bert.' if any(k.startswith('bert.') for k in ckpt.keys()) else ''
+  boxed = bert_abstract_params(config)
+  mapping = {k: [v] for k, v in _bert_mapping(config, prefix).items()}
+  params = load_mapped(ckpt, mapping, _unbox(boxed), dtype, _resolve_shardings(shardings, boxed),
+                       lambda k: _is_ignored_bert_key(k, prefix))
+  return config, params
+
+
+def sentence_transformers_pooling(path: str) -> dict[str, Any]:
+  """Pooling and normalisation declared by a sentence-transformers directory, if any."""
+  out: dict[str, Any] = {}
+  pool_file = os.path.join(path, '1_Pooling', 'config.json')
+  if os.path.exists(pool_file):
+    with open(pool_file) as f:
+      cfg = json.load(f)
+    if cfg.get('pooling_mode_cls_token'):
+      out['pooling'] = 'cls'
+    elif cfg.get('pooling_mode_mean_tokens'):
+      out['pooling'] = 'mean'
+  modules_file = os.path.join(path, 'modules.json')
+  if os.path.exists(modules_file):
+    with open(modules_file) as f:
+      out['normalize'] = any('Normalize' in m.get('type', '') for m in json.load(f))
+  return out
+
+
+def load_tokenizer(path: str):
+  """The Hugging Face tokenizer saved in the same directory."""
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(path)
+
+
+def iter_param_paths(params: Params) -> Iterable[str]:
+  for path in traverse_util.flatten_dict(params):
+    yield '/'.join(path)

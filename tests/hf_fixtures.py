@@ -1,0 +1,60 @@
+"""Tiny random Hugging Face models saved as safetensors: the oracles' weights (tests only)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+
+def save_tiny_t5(path: str, version: str = 'v1.1', seed: int = 0, vocab_size: int = 96,
+                 d_model: int = 32, num_layers: int = 2, num_decoder_layers: int = 3,
+                 num_heads: int = 4, d_kv: int = 8, d_ff: int = 48):
+  """Saves a random T5 (v1.1: gated-gelu, untied head; v1.0: relu, tied) and returns it (eval)."""
+  from transformers import T5Config, T5ForConditionalGeneration
+  torch.manual_seed(seed)
+  v11 = version == 'v1.1'
+  config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff,
+                    num_layers=num_layers, num_decoder_layers=num_decoder_layers,
+                    num_heads=num_heads, feed_forward_proj='gated-gelu' if v11 else 'relu',
+                    tie_word_embeddings=not v11, dropout_rate=0.0,
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  model = T5ForConditionalGeneration(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():  # non-trivial norms and biases, not the ones/zeros init
+      p.add_(0.05 * torch.randn_like(p))
+  state = {k: v.contiguous() for k, v in model.state_dict().items()
+           if k not in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')}
+  if v11:
+    # transformers>=5 always ties the head; FlanT5 checkpoints have their own lm_head.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, d_model) * d_model**-0.5)
+    state['lm_head.weight'] = model.lm_head.weight.detach().clone()
+  else:
+    state.pop('lm_head.weight', None)
+  os.makedirs(path, exist_ok=True)
+  save_file(state, os.path.join(path, 'model.safetensors'))
+  hf = config.to_dict()
+  hf['tie_word_embeddings'] = not v11  # as the real FlanT5 / t5 v1.0 configs say
+  hf.pop('scale_decoder_outputs', None)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(hf, f)
+  return model
+
+
+def save_tiny_bert(path: str, seed: int = 0, vocab_size: int = 120, hidden: int = 32,
+                   layers: int = 2, heads: int = 4, intermediate: int = 64):
+  """Saves a random BertModel with safetensors and returns it (eval)."""
+  from transformers import BertConfig, BertModel
+  torch.manual_seed(seed)
+  config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=intermediate,
+                      max_position_embeddings=64, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+  model = BertModel(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(path)
+  return model
