@@ -1,0 +1,160 @@
+"""PPlug on LaMP: `get_config(arg)` with comma-separated args.
+
+  configs/lamp.py               the embedded demo (same as :demo)
+  configs/lamp.py:demo          synthetic LaMP-2, real all-MiniLM-L6-v2, tiny byte-level T5
+  configs/lamp.py:task=2,size=xxl,split=time,encoder=bge
+                                a real run; set config.llm.path, config.encoder.path and
+                                config.data.lamp_dir to local Hugging Face / LaMP directories
+
+Every key can be overridden on the command line, e.g. --config.optim.lr=3e-5.
+"""
+
+import ml_collections
+
+from pplug_jax import partitioning
+
+SIZES = ('small', 'base', 'large', 'xl', 'xxl')
+ENCODERS = {
+    'bge': dict(name='BAAI/bge-base-en-v1.5', pooling='cls', normalize=True,
+                query_prefix='Represent this sentence for searching relevant passages: '),
+    'contriever': dict(name='facebook/contriever', pooling='mean', normalize=False,
+                       query_prefix=''),
+    'minilm': dict(name='sentence-transformers/all-MiniLM-L6-v2', pooling='mean',
+                   normalize=True, query_prefix=''),
+}
+
+
+def _parse(arg):
+  out = {}
+  for part in (arg or '').split(','):
+    if not part:
+      continue
+    key, _, value = part.partition('=')
+    out[key] = value or True
+  unknown = set(out) - {'demo', 'task', 'size', 'split', 'encoder'}
+  if unknown:
+    raise ValueError(f'configs/lamp.py: unknown args {sorted(unknown)}; use demo, task=N, '
+                     'size=small..xxl, split=user|time, encoder=bge|contriever|minilm.')
+  return out
+
+
+def get_config(arg=None):
+  args = _parse(arg)
+  demo = 'demo' in args or not args
+  task = int(args.get('task', 2))
+  if not 1 <= task <= 7:
+    raise ValueError(f'configs/lamp.py: task={task} must be 1..7.')
+  size = args.get('size', 'xxl')
+  if size not in SIZES:
+    raise ValueError(f'configs/lamp.py: size={size!r} must be one of {SIZES}.')
+  encoder = args.get('encoder', 'bge')
+  if encoder not in ENCODERS:
+    raise ValueError(f'configs/lamp.py: encoder={encoder!r} must be one of {sorted(ENCODERS)}.')
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = f'LaMP_{task}'
+  c.split_type = args.get('split', 'user')
+  c.demo = demo
+
+  c.data = ml_collections.ConfigDict()
+  c.data.lamp_dir = ''          # holds LaMP_N/ and/or LaMP_time_N/
+  c.data.records_dir = ''       # precompute output; '' = <workdir>/records
+  c.data.num_shards = 4
+  c.data.embedding_dtype = 'float32'
+  c.data.max_input_length = 256
+  c.data.max_target_length = 10 if task == 3 else 128
+  c.data.max_history = 512
+  c.data.item_max_length = 512  # encoder tokens per profile item
+  c.data.query_max_length = 512
+  c.data.augment_copies = 10    # extra copies of a history with > 2 items, 0 = off
+  c.data.augment_max_drop = 0.5
+  c.data.shuffle_buffer = 10_000
+  c.data.prefetch = 2
+
+  c.encoder = ml_collections.ConfigDict(dict(ENCODERS[encoder]))
+  c.encoder.path = ''           # local Hugging Face directory of the encoder
+  c.encoder.mode = 'frozen'     # 'frozen': precomputed query embedding | 'finetune'
+  c.encoder.batch_size = 64
+  c.encoder.dtype = 'float32'
+
+  c.llm = ml_collections.ConfigDict()
+  c.llm.name = f'google/flan-t5-{size}'
+  c.llm.path = ''               # local Hugging Face directory of FlanT5
+  c.llm.tokenizer = ''          # '' = the tokenizer in llm.path; 'byte' = ByT5 bytes
+  c.llm.dtype = 'bfloat16'      # compute dtype
+  c.llm.param_dtype = 'bfloat16'
+  c.llm.remat_policy = 'none' if size in ('small', 'base') else 'dots_with_no_batch_dims'
+  c.llm.scan_layers = size in ('xl', 'xxl')
+
+  c.plug = ml_collections.ConfigDict()
+  c.plug.persona_scale = -1.0   # -1: mean L2 norm of the backbone's token embeddings
+  c.plug.instruction_scale_divisor = 7.0
+  c.plug.empty_history = 'zero'
+  c.plug.dtype = 'float32'
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_frac = 0.05
+  c.optim.grad_clip = 1.0
+  c.optim.batch_size = 16       # global batch of one micro-step (reference: 2 per device)
+  c.optim.grad_accum = 8
+  c.optim.epochs = 1 if task == 3 else 2
+  c.optim.max_steps = -1        # -1: from epochs
+
+  c.train = ml_collections.ConfigDict()
+  c.train.log_every = 50
+  c.train.eval_every = 500
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.eval_batch_size = 16
+  c.train.max_eval_batches = -1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_beams = 4
+  c.eval.length_penalty = 1.0
+  c.eval.max_new_tokens = c.data.max_target_length
+
+  c.mesh_shape = (-1, 1)        # (data, model); -1 = all remaining devices
+  c.logical_axis_rules = partitioning.STANDARD_RULES
+
+  if demo:
+    _demo(c)
+  return c
+
+
+def _demo(c):
+  """Runs anywhere with nothing downloaded: see README 'The embedded demo'."""
+  c.task = 'LaMP_2'
+  c.demo_data = ml_collections.ConfigDict(dict(
+      train_users=400, dev_users=100, test_users=60, num_preferences=4, mean_items=12,
+      empty_frac=0.05, long_frac=0.01, signal=0.8))
+  c.demo_model = ml_collections.ConfigDict(dict(
+      d_model=64, num_heads=4, d_kv=16, d_ff=128, num_layers=2, pretrain_steps=300,
+      pretrain_lr=3e-3))
+  c.encoder.update(ENCODERS['minilm'])
+  c.encoder.name = 'sentence-transformers/all-MiniLM-L6-v2'
+  c.llm.name = 'demo-tiny-t5-byte'
+  c.llm.tokenizer = 'byte'
+  c.llm.dtype = 'float32'
+  c.llm.param_dtype = 'float32'
+  c.llm.remat_policy = 'none'
+  c.llm.scan_layers = False
+  c.data.num_shards = 2
+  c.data.max_input_length = 128
+  c.data.max_target_length = 16
+  c.data.max_history = 64
+  c.data.item_max_length = 64
+  c.data.query_max_length = 64
+  c.data.augment_copies = 2
+  c.optim.lr = 3e-3
+  c.optim.batch_size = 16
+  c.optim.grad_accum = 1
+  c.optim.epochs = 3
+  c.train.log_every = 20
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 100
+  c.train.eval_batch_size = 50
+  c.eval.num_beams = 1
+  c.eval.max_new_tokens = 16

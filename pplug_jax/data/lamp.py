@@ -1,0 +1,216 @@
+"""LaMP benchmark files: schema, per-task query and profile text, labels, validation.
+
+Layout: `<lamp_dir>/LaMP_N/` (user-based split) or `<lamp_dir>/LaMP_time_N/` (time-based), each
+holding `{split}_questions.json` and `{split}_outputs.json`, flat or in a `{split}/` subfolder.
+The test split has no outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Sequence
+
+SPLITS = ('train', 'dev', 'test')
+SPLIT_TYPES = ('user', 'time')
+
+LAMP2_TAGS = ('sci-fi', 'based on a book', 'comedy', 'action', 'twist ending', 'dystopia',
+              'dark comedy', 'classic', 'psychology', 'fantasy', 'romance', 'thought-provoking',
+              'social commentary', 'violence', 'true story')
+
+
+class LampError(ValueError):
+  """Bad LaMP data; the message names the file and example id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """What differs between the LaMP tasks."""
+  name: str
+  kind: str                       # 'classification' | 'regression' | 'generation'
+  profile_fields: tuple[str, ...]  # joined with a space into the item's text
+  query: Callable[[str], str]
+  labels: tuple[str, ...] = ()
+  max_target_length: int = 128
+  main_metric: str = 'rouge-1'
+  metric_mode: str = 'max'
+
+
+def _after(marker: str) -> Callable[[str], str]:
+  def extract(text: str) -> str:
+    i = text.find(marker)
+    return text[i + len(marker):].strip() if i >= 0 else text.strip()
+  return extract
+
+
+def _first_quoted(text: str) -> str:
+  m = re.search(r'"(.*?)"', text)
+  return m.group(1).strip() if m else text.strip()
+
+
+TASKS: dict[str, TaskSpec] = {
+    'LaMP_1': TaskSpec('LaMP_1', 'classification', ('title', 'abstract'), _first_quoted,
+                       ('[1]', '[2]'), 128, 'accuracy'),
+    'LaMP_2': TaskSpec('LaMP_2', 'classification', ('description',), _after('description:'),
+                       LAMP2_TAGS, 128, 'accuracy'),
+    'LaMP_3': TaskSpec('LaMP_3', 'regression', ('text',), _after('review:'),
+                       ('1', '2', '3', '4', '5'), 10, 'mae', 'min'),
+    'LaMP_4': TaskSpec('LaMP_4', 'generation', ('text', 'title'), _after('article:')),
+    'LaMP_5': TaskSpec('LaMP_5', 'generation', ('title', 'abstract'), _after('paper:')),
+    'LaMP_6': TaskSpec('LaMP_6', 'generation', ('text', 'title'), _after(':')),
+    'LaMP_7': TaskSpec('LaMP_7', 'generation', ('text',), _after('before or after it:')),
+}
+
+
+def task_spec(task: str) -> TaskSpec:
+  """'LaMP_2', 'LaMP-2', '2' or 2 -> its TaskSpec."""
+  key = str(task).replace('-', '_')
+  key = key if key.startswith('LaMP_') else f'LaMP_{key}'
+  if key not in TASKS:
+    raise LampError(f'Unknown LaMP task {task!r}; config.task must be one of {sorted(TASKS)}.')
+  return TASKS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileItem:
+  id: str
+  text: str
+  date: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  id: str
+  input: str
+  query: str
+  profile: tuple[ProfileItem, ...]
+  output: str | None = None
+
+
+def task_dir(lamp_dir: str, task: str, split_type: str = 'user') -> str:
+  """`<lamp_dir>/LaMP_N` (user) or `<lamp_dir>/LaMP_time_N` (time)."""
+  if split_type not in SPLIT_TYPES:
+    raise LampError(f'config.split_type={split_type!r} must be one of {SPLIT_TYPES}.')
+  n = task_spec(task).name.split('_')[1]
+  return os.path.join(lamp_dir, f'LaMP_{n}' if split_type == 'user' else f'LaMP_time_{n}')
+
+
+def split_files(root: str, split: str) -> tuple[str, str | None]:
+  """(questions file, outputs file or None) of a split, flat or in a `{split}/` subfolder."""
+  if split not in SPLITS:
+    raise LampError(f'Unknown split {split!r}; use one of {SPLITS}.')
+  for folder in (root, os.path.join(root, split)):
+    q = os.path.join(folder, f'{split}_questions.json')
+    if os.path.exists(q):
+      o = os.path.join(folder, f'{split}_outputs.json')
+      return q, (o if os.path.exists(o) else None)
+  raise LampError(f'{root}: no {split}_questions.json (looked in {root} and {root}/{split}). '
+                  'Download LaMP from the benchmark site and set config.data.lamp_dir.')
+
+
+def _load_json(path: str) -> Any:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise LampError(f'{path}: malformed JSON ({e}). Re-download the file.') from e
+
+
+def _str_field(obj: dict, key: str, where: str) -> str:
+  if key not in obj or obj[key] is None:
+    raise LampError(f'{where}: missing field {key!r}.')
+  return str(obj[key])
+
+
+def parse_questions(path: str, spec: TaskSpec, data: Any | None = None) -> list[Example]:
+  """Parses and validates a `*_questions.json` (outputs are attached separately)."""
+  data = _load_json(path) if data is None else data
+  if not isinstance(data, list):
+    raise LampError(f'{path}: expected a JSON list of questions, got {type(data).__name__}.')
+  examples, seen = [], set()
+  for n, q in enumerate(data):
+    if not isinstance(q, dict):
+      raise LampError(f'{path}: entry #{n} is not an object.')
+    qid = _str_field(q, 'id', f'{path}: entry #{n}')
+    where = f'{path}: example id {qid}'
+    if qid in seen:
+      raise LampError(f'{where}: duplicated id.')
+    seen.add(qid)
+    text = _str_field(q, 'input', where)
+    profile = q.get('profile')
+    if not isinstance(profile, list):
+      raise LampError(f'{where}: missing field "profile" (a list; [] for a user with no history).')
+    items = []
+    for k, item in enumerate(profile):
+      iwhere = f'{where}, profile item #{k}'
+      if not isinstance(item, dict):
+        raise LampError(f'{iwhere}: not an object.')
+      iid = _str_field(item, 'id', iwhere)
+      parts = [_str_field(item, f, f'{where}, profile item {iid}') for f in spec.profile_fields]
+      items.append(ProfileItem(iid, ' '.join(parts), str(item.get('date') or '')))
+    examples.append(Example(qid, text, spec.query(text), tuple(items)))
+  return examples
+
+
+def parse_outputs(path: str, spec: TaskSpec) -> dict[str, str]:
+  """Parses a `*_outputs.json`: {task, golds: [{id, output}]} -> {id: output}."""
+  data = _load_json(path)
+  if not isinstance(data, dict) or not isinstance(data.get('golds'), list):
+    raise LampError(f'{path}: expected {{"task": ..., "golds": [{{"id", "output"}}]}}.')
+  task = str(data.get('task', spec.name)).replace('-', '_')
+  if task.replace('time_', '') != spec.name:
+    raise LampError(f'{path}: says task {data.get("task")!r}, but config.task is {spec.name}.')
+  out: dict[str, str] = {}
+  for n, g in enumerate(data['golds']):
+    gid = _str_field(g, 'id', f'{path}: gold #{n}')
+    if gid in out:
+      raise LampError(f'{path}: example id {gid}: duplicated id.')
+    out[gid] = _str_field(g, 'output', f'{path}: example id {gid}')
+  return out
+
+
+def load_split(lamp_dir: str, task: str, split: str, split_type: str = 'user') -> list[Example]:
+  """Reads one split of a task; train/dev carry outputs, test does not."""
+  spec = task_spec(task)
+  qfile, ofile = split_files(task_dir(lamp_dir, task, split_type), split)
+  examples = parse_questions(qfile, spec)
+  if ofile is None:
+    if split != 'test':
+      raise LampError(f'{qfile}: no {split}_outputs.json beside it; train and dev need outputs.')
+    return examples
+  golds = parse_outputs(ofile, spec)
+  ids = {e.id for e in examples}
+  missing = sorted(ids - set(golds))
+  extra = sorted(set(golds) - ids)
+  if missing or extra:
+    raise LampError(f'{ofile}: output ids do not match {qfile}: '
+                    f'{len(missing)} questions without output (e.g. {missing[:3]}), '
+                    f'{len(extra)} outputs without question (e.g. {extra[:3]}).')
+  return [dataclasses.replace(e, output=golds[e.id]) for e in examples]
+
+
+def recent_history(items: Sequence[ProfileItem], max_items: int) -> tuple[ProfileItem, ...]:
+  """The most recent `max_items`, oldest first: sorted by date when every item has one."""
+  items = tuple(items)
+  if items and all(i.date for i in items):
+    items = tuple(sorted(items, key=lambda i: _date_key(i.date)))
+  return items[-max_items:] if max_items > 0 else ()
+
+
+def _date_key(date: str) -> tuple:
+  nums = [int(x) for x in re.findall(r'\d+', date)]
+  return tuple(nums) if nums else (date,)
+
+
+def write_split(root: str, split: str, task: str, examples: Sequence[dict],
+                outputs: dict[str, str] | None) -> None:
+  """Writes `{split}_questions.json` (+ `{split}_outputs.json`) in the official format."""
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f'{split}_questions.json'), 'w', encoding='utf-8') as f:
+    json.dump(list(examples), f, ensure_ascii=False)
+  if outputs is not None:
+    golds = [{'id': k, 'output': v} for k, v in outputs.items()]
+    with open(os.path.join(root, f'{split}_outputs.json'), 'w', encoding='utf-8') as f:
+      json.dump({'task': task_spec(task).name, 'golds': golds}, f, ensure_ascii=False)

@@ -1,0 +1,174 @@
+"""tf.data over precomputed records -> fixed-shape batches -> global jax.Arrays.
+
+Training: per-process files, seeded shuffles, repeat by epochs, the reference's history
+augmentation done on the fly, drop-remainder batches, and `skip_batches` to resume.
+Evaluation: every example exactly once; the last batch (and any batch a process needs to keep
+step with the others) is padded with `valid == 0` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from pplug_jax.data import records
+
+Batch = dict[str, np.ndarray]
+
+
+def _process_files(files: list[str], process_index: int, process_count: int,
+                   records_dir: str) -> list[str]:
+  if len(files) < process_count:
+    raise ValueError(f'{records_dir}: {len(files)} shard files for {process_count} processes; '
+                     'set config.data.num_shards to a multiple of the process count and rerun '
+                     'precompute into a new records_dir.')
+  return files[process_index::process_count]
+
+
+def shapes(config, dim: int) -> dict[str, tuple[int, ...]]:
+  d = config.data
+  return {
+      'input_ids': (d.max_input_length,), 'input_mask': (d.max_input_length,),
+      'target_ids': (d.max_target_length,), 'target_mask': (d.max_target_length,),
+      'query_embedding': (dim,),
+      'query_encoder_ids': (d.query_max_length,), 'query_encoder_mask': (d.query_max_length,),
+      'history': (d.max_history, dim), 'history_mask': (d.max_history,), 'valid': (),
+  }
+
+
+def _pad_1d(x: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
+  x = x[:length]
+  n = tf.shape(x)[0]
+  return tf.pad(x, [[0, length - n]]), tf.pad(tf.ones([n], tf.int32), [[0, length - n]])
+
+
+def pad_example(ex: dict[str, tf.Tensor], config) -> dict[str, tf.Tensor]:
+  """Variable-length parsed example -> the static shapes of `shapes()` plus its id."""
+  d = config.data
+  out = {'id': ex['id']}
+  out['input_ids'], out['input_mask'] = _pad_1d(ex['input_ids'], d.max_input_length)
+  out['target_ids'], out['target_mask'] = _pad_1d(ex['target_ids'], d.max_target_length)
+  out['query_encoder_ids'], out['query_encoder_mask'] = _pad_1d(ex['query_encoder_ids'],
+                                                                d.query_max_length)
+  out['query_embedding'] = ex['query_embedding']
+  hist = ex['history_embeddings'][-d.max_history:] if d.max_history > 0 else \
+      ex['history_embeddings'][:0]
+  n = tf.shape(hist)[0]
+  out['history'] = tf.pad(hist, [[0, d.max_history - n], [0, 0]])
+  out['history_mask'] = tf.pad(tf.ones([n], tf.int32), [[0, d.max_history - n]])
+  out['valid'] = tf.constant(1, tf.int32)
+  return out
+
+
+def drop_history_items(hist: tf.Tensor, seed: tf.Tensor, max_drop: float) -> tf.Tensor:
+  """Drops a uniform-random 0..max_drop share of the rows of hist [n, d], keeping >= 1, in order."""
+  n = tf.shape(hist)[0]
+  frac = tf.random.stateless_uniform([], seed, 0.0, max_drop)
+  drop = tf.cast(tf.floor(frac * tf.cast(n, tf.float32)), tf.int32)
+  keep = tf.maximum(n - drop, 1)
+  scores = tf.random.stateless_uniform([n], seed + tf.constant([0, 1], tf.int64))
+  idx = tf.sort(tf.math.top_k(scores, keep).indices)
+  return tf.gather(hist, idx)
+
+
+def _augment(copies: int, max_drop: float, seed: int):
+
+  def expand(ex):
+    k = tf.where(ex['history_length'] > 2, copies + 1, 1)
+    return tf.data.Dataset.range(tf.cast(k, tf.int64)).map(lambda c: (ex, c))
+
+  def apply(index, ex_copy):
+    ex, copy = ex_copy
+    pair = tf.stack([tf.constant(seed, tf.int64), index])
+    hist = ex['history_embeddings']
+    ex = dict(ex)
+    ex['history_embeddings'] = tf.cond(
+        copy > 0, lambda: drop_history_items(hist, pair, max_drop),
+        lambda: hist)
+    return ex
+
+  return expand, apply
+
+
+def _parsed(files: list[str], meta: dict[str, Any]) -> tf.data.Dataset:
+  fp = meta['fingerprint']
+  return tf.data.TFRecordDataset(files).map(records.parse_fn(fp['dim'], fp['embedding_dtype']),
+                                            num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def train_batches(config, records_dir: str, local_batch_size: int, skip_batches: int = 0,
+                  split: str = 'train', process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[Batch]:
+  """Endless-until-epochs iterator of numpy training batches for this process."""
+  meta = records.read_metadata(records_dir)
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  files = _process_files(records.split_shards(records_dir, split), pi, pc, records_dir)
+  seed = config.seed + pi
+  ds = _parsed(files, meta)
+  ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  ds = ds.repeat(config.optim.epochs)
+  if config.data.augment_copies > 0:
+    expand, apply = _augment(config.data.augment_copies, config.data.augment_max_drop, seed)
+    ds = ds.flat_map(expand).enumerate().map(apply)
+    ds = ds.shuffle(config.data.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=False)
+  ds = ds.map(lambda ex: pad_example(ex, config), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch_size, drop_remainder=True).skip(skip_batches)
+  ds = ds.prefetch(config.data.prefetch)
+  for batch in ds.as_numpy_iterator():
+    yield batch
+
+
+def num_train_examples(config, records_dir: str, split: str = 'train') -> int:
+  """Examples per epoch after augmentation (originals + copies of histories with > 2 items)."""
+  meta = records.read_metadata(records_dir)
+  files = records.split_shards(records_dir, split)
+  if config.data.augment_copies <= 0:
+    return meta['splits'][split]['examples']
+  lengths = _parsed(files, meta).map(lambda ex: ex['history_length'])
+  n = 0
+  for length in lengths.as_numpy_iterator():
+    n += 1 + (config.data.augment_copies if length > 2 else 0)
+  return n
+
+
+def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> tuple[int, Iterator[Batch]]:
+  """(number of batches, iterator): each example once, every process the same batch count."""
+  meta = records.read_metadata(records_dir)
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  files = records.split_shards(records_dir, split)
+  if len(files) != len(meta['splits'][split]['shard_counts']):
+    raise ValueError(f'{records_dir}: {split} has {len(files)} finished shards of '
+                     f'{len(meta["splits"][split]["shard_counts"])}; rerun precompute.')
+  counts = meta['splits'][split]['shard_counts']
+  per_process = [sum(counts[p::pc]) for p in range(pc)]
+  num_batches = max(1, math.ceil(max(per_process) / local_batch_size))
+  mine = _process_files(files, pi, pc, records_dir)
+  ds = _parsed(mine, meta).map(lambda ex: pad_example(ex, config))
+  filler = num_batches * local_batch_size - per_process[pi]
+  dim = meta['fingerprint']['dim']
+  blank = {k: tf.zeros(s, tf.float32 if k in ('history', 'query_embedding') else tf.int32)
+           for k, s in shapes(config, dim).items()}
+  blank['id'] = tf.constant(b'')
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(filler))
+  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(config.data.prefetch)
+  return num_batches, ds.as_numpy_iterator()
+
+
+def to_global(batch: Batch, mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global jax.Arrays sharded on the batch axis (ids dropped)."""
+  from pplug_jax import partitioning
+  out = {}
+  for k, v in batch.items():
+    if v.dtype.kind in 'SUO':
+      continue
+    sharding = partitioning.batch_sharding(mesh, rules, v.ndim)
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out

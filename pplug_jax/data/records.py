@@ -1,0 +1,107 @@
+"""TFRecord schema of precomputed examples: one tf.train.Example per LaMP example.
+
+Embeddings are stored as raw little-endian bytes in `metadata['embedding_dtype']` (float32 or
+float16), history as [n, d] with n <= max_history, most recent last.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+METADATA = 'metadata.json'
+
+
+def _bytes(values: Sequence[bytes]) -> tf.train.Feature:
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+
+def _ints(values: Sequence[int]) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def serialize_example(*, example_id: str, input_ids: Sequence[int], target_ids: Sequence[int],
+                      target_text: str, query_embedding: np.ndarray,
+                      query_encoder_ids: Sequence[int], history_embeddings: np.ndarray,
+                      history_dates: Sequence[str], history_item_ids: Sequence[str],
+                      embedding_dtype: str) -> bytes:
+  """One precomputed example as a serialized tf.train.Example."""
+  emb = lambda a: np.ascontiguousarray(a, dtype=np.dtype(embedding_dtype).newbyteorder('<'))
+  hist = emb(history_embeddings)
+  feats = {
+      'id': _bytes([example_id.encode()]),
+      'input_ids': _ints(input_ids),
+      'target_ids': _ints(target_ids),
+      'target_text': _bytes([target_text.encode()]),
+      'query_embedding': _bytes([emb(query_embedding).tobytes()]),
+      'query_encoder_ids': _ints(query_encoder_ids),
+      'history_embeddings': _bytes([hist.tobytes()]),
+      'history_length': _ints([hist.shape[0]]),
+      'history_dates': _bytes([d.encode() for d in history_dates]),
+      'history_item_ids': _bytes([i.encode() for i in history_item_ids]),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+_SPEC = {
+    'id': tf.io.FixedLenFeature([], tf.string),
+    'input_ids': tf.io.VarLenFeature(tf.int64),
+    'target_ids': tf.io.VarLenFeature(tf.int64),
+    'target_text': tf.io.FixedLenFeature([], tf.string),
+    'query_embedding': tf.io.FixedLenFeature([], tf.string),
+    'query_encoder_ids': tf.io.VarLenFeature(tf.int64),
+    'history_embeddings': tf.io.FixedLenFeature([], tf.string),
+    'history_length': tf.io.FixedLenFeature([], tf.int64),
+    'history_dates': tf.io.VarLenFeature(tf.string),
+    'history_item_ids': tf.io.VarLenFeature(tf.string),
+}
+
+
+def parse_fn(dim: int, embedding_dtype: str):
+  """Returns a tf function: serialized example -> dict of variable-length tensors."""
+  tf_dtype = tf.as_dtype(embedding_dtype)
+
+  def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    ex = tf.io.parse_single_example(serialized, _SPEC)
+    out = {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
+           for k, v in ex.items()}
+    out['query_embedding'] = tf.cast(tf.io.decode_raw(out['query_embedding'], tf_dtype,
+                                                      little_endian=True), tf.float32)
+    hist = tf.io.decode_raw(out['history_embeddings'], tf_dtype, little_endian=True)
+    out['history_embeddings'] = tf.cast(tf.reshape(hist, [-1, dim]), tf.float32)
+    for k in ('input_ids', 'target_ids', 'query_encoder_ids', 'history_length'):
+      out[k] = tf.cast(out[k], tf.int32)
+    return out
+
+  return parse
+
+
+def shard_path(out_dir: str, split: str, shard: int, num_shards: int) -> str:
+  return os.path.join(out_dir, f'{split}.tfrecord-{shard:05d}-of-{num_shards:05d}')
+
+
+def split_shards(records_dir: str, split: str) -> list[str]:
+  """The finished shard files of a split, in order."""
+  files = sorted(glob.glob(os.path.join(records_dir, f'{split}.tfrecord-*-of-*')))
+  return [f for f in files if not f.endswith('.tmp')]
+
+
+def read_metadata(records_dir: str) -> dict[str, Any]:
+  path = os.path.join(records_dir, METADATA)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{records_dir}: no {METADATA}. Run `python -m pplug_jax.precompute '
+                            '--config ...` first (or set config.data.records_dir).')
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_metadata(records_dir: str, meta: dict[str, Any]) -> None:
+  tmp = os.path.join(records_dir, METADATA + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+  os.replace(tmp, os.path.join(records_dir, METADATA))

@@ -1,0 +1,166 @@
+"""Synthetic personalised data in exactly the LaMP file format.
+
+Each user has a latent preference (a genre for LaMP-2, a tweet style for LaMP-7) that decides
+every output of theirs. The preference shows in the *text* of their profile items, while the
+input is drawn independently of it. So by construction no predictor that sees only the input
+can beat the frequency of the most common preference: with K preferences drawn uniformly the
+best non-personalised accuracy is 1/K (exactly: the majority-label share of the split, which
+`synthetic_info.json` records).
+
+    python -m pplug_jax.data.synthetic --out DIR --task LaMP_2 --train_users 200 --seed 0
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from pplug_jax.data import lamp
+
+GENRE_WORDS = {
+    'sci-fi': 'space robot alien planet laser starship galaxy android cyborg orbit',
+    'comedy': 'joke laugh prank silly clown hilarious goofy sitcom gag wacky',
+    'romance': 'love kiss wedding heart date passion couple romantic valentine flirt',
+    'action': 'chase explosion fight gun car heist punch battle mission spy',
+    'fantasy': 'dragon wizard magic elf castle spell quest sword kingdom witch',
+    'dystopia': 'regime surveillance rebellion ruins totalitarian ration curfew propaganda '
+                'wasteland uprising',
+    'true story': 'biography historical real documentary memoir veteran archive events '
+                  'testimony chronicle',
+    'psychology': 'mind therapy trauma memory dream obsession identity anxiety paranoia psyche',
+}
+TWEET_STYLES = ('lol', 'honestly', 'wow', 'ugh', 'yay', 'hmm', 'omg', 'sigh')
+FILLER = ('people city family friends journey night life house town story years day world '
+          'secret young old man woman finds meets learns returns after before during small '
+          'big new last first home road school work river winter summer letter').split()
+
+LAMP2_PROMPT = ('Which tag does this movie relate to among the following tags? Just answer with '
+                'the tag name without further explanation. tags: [{tags}] description: {text}')
+LAMP7_PROMPT = 'Paraphrase the following tweet without any explanation before or after it: {text}'
+
+SUPPORTED = ('LaMP_2', 'LaMP_7')
+
+
+def _words(rng: np.random.Generator, pool: Sequence[str], n: int) -> list[str]:
+  return [pool[i] for i in rng.integers(0, len(pool), n)]
+
+
+def _profile_size(rng: np.random.Generator, empty_frac: float, long_frac: float,
+                  mean_items: int) -> int:
+  u = rng.random()
+  if u < empty_frac:
+    return 0
+  if u < empty_frac + long_frac:
+    return int(rng.integers(520, 700))  # more than the 512 most recent items kept
+  return int(np.clip(rng.poisson(mean_items), 1, 4 * mean_items))
+
+
+def _dates(rng: np.random.Generator, n: int) -> list[str]:
+  days = np.sort(rng.integers(0, 3650, n))
+  base = np.datetime64('2010-01-01')
+  return [str(base + np.timedelta64(int(d), 'D')) for d in days]
+
+
+def make_user(task: str, uid: str, pref: int, prefs: Sequence[str], n_items: int,
+              rng: np.random.Generator, signal: float) -> tuple[dict, str]:
+  """One LaMP question (with profile) and its output for a user with preference `pref`."""
+  dates = _dates(rng, n_items)
+  profile = []
+  for k in range(n_items):
+    own = rng.random() < signal
+    p = pref if own else int(rng.integers(0, len(prefs)))
+    if task == 'LaMP_2':
+      words = _words(rng, GENRE_WORDS[prefs[p]].split(), 3) + _words(rng, FILLER, 5)
+      rng.shuffle(words)
+      profile.append({'id': f'{uid}{k:04d}', 'tag': prefs[p], 'description': ' '.join(words),
+                      'date': dates[k]})
+    else:
+      text = f'{prefs[p]}: ' + ' '.join(_words(rng, FILLER, 6))
+      profile.append({'id': f'{uid}{k:04d}', 'text': text, 'date': dates[k]})
+  body = ' '.join(_words(rng, FILLER, 8))
+  if task == 'LaMP_2':
+    question = LAMP2_PROMPT.format(tags=', '.join(prefs), text=body)
+    output = prefs[pref]
+  else:
+    question = LAMP7_PROMPT.format(text=body)
+    output = f'{prefs[pref]}: {body}'
+  return {'id': uid, 'input': question, 'profile': profile}, output
+
+
+def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
+             users: dict[str, int] | None = None, num_preferences: int = 4, seed: int = 0,
+             empty_frac: float = 0.05, long_frac: float = 0.02, mean_items: int = 20,
+             signal: float = 0.8) -> dict:
+  """Writes train/dev/test files under `lamp.task_dir(out_dir, task, split_type)`; returns info."""
+  task = lamp.task_spec(task).name
+  if task not in SUPPORTED:
+    raise ValueError(f'synthetic data exists for {SUPPORTED}, not {task}.')
+  pool = list(GENRE_WORDS) if task == 'LaMP_2' else list(TWEET_STYLES)
+  if not 2 <= num_preferences <= len(pool):
+    raise ValueError(f'num_preferences must be in [2, {len(pool)}] for {task}.')
+  prefs = pool[:num_preferences]
+  users = users or {'train': 200, 'dev': 50, 'test': 50}
+  rng = np.random.default_rng(seed)
+  root = lamp.task_dir(out_dir, task, split_type)
+  info = {'task': task, 'seed': seed, 'preferences': prefs,
+          'best_non_personalised_accuracy': 1.0 / num_preferences, 'splits': {}}
+  next_uid = 100000
+  for split, n in users.items():
+    questions, outputs, counts = [], {}, collections.Counter()
+    for _ in range(n):
+      uid = str(next_uid)
+      next_uid += 1
+      pref = int(rng.integers(0, num_preferences))
+      size = _profile_size(rng, empty_frac, long_frac, mean_items)
+      q, o = make_user(task, uid, pref, prefs, size, rng, signal)
+      questions.append(q)
+      outputs[uid] = o
+      counts[prefs[pref]] += 1
+    lamp.write_split(root, split, task, questions, None if split == 'test' else outputs)
+    if split == 'test':  # keep the hidden answers next to, not inside, the LaMP files
+      with open(os.path.join(root, 'test_hidden_outputs.json'), 'w') as f:
+        json.dump({'task': task, 'golds': [{'id': k, 'output': v} for k, v in outputs.items()]},
+                  f)
+    sizes = [len(q['profile']) for q in questions]
+    info['splits'][split] = {
+        'users': n, 'empty_profiles': sum(s == 0 for s in sizes),
+        'profiles_over_512': sum(s > 512 for s in sizes), 'profile_items': int(sum(sizes)),
+        'majority_share': max(counts.values()) / n if n else 0.0}
+  with open(os.path.join(root, 'synthetic_info.json'), 'w') as f:
+    json.dump(info, f, indent=1)
+  return info
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  info = generate(FLAGS.out, FLAGS.task, FLAGS.split_type,
+                  {'train': FLAGS.train_users, 'dev': FLAGS.dev_users, 'test': FLAGS.test_users},
+                  FLAGS.num_preferences, FLAGS.seed, FLAGS.empty_frac, FLAGS.long_frac,
+                  FLAGS.mean_items, FLAGS.signal)
+  print(json.dumps(info, indent=1))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('out', None, 'Output root (LaMP_N/ or LaMP_time_N/ is created in it).')
+  flags.DEFINE_string('task', 'LaMP_2', f'One of {SUPPORTED}.')
+  flags.DEFINE_enum('split_type', 'user', list(lamp.SPLIT_TYPES), 'Folder layout to write.')
+  flags.DEFINE_integer('train_users', 200, 'Users (= questions) in train.')
+  flags.DEFINE_integer('dev_users', 50, 'Users in dev.')
+  flags.DEFINE_integer('test_users', 50, 'Users in test.')
+  flags.DEFINE_integer('num_preferences', 4, 'Distinct latent preferences K (best '
+                       'non-personalised accuracy = 1/K).')
+  flags.DEFINE_integer('seed', 0, 'Seed; same seed, same files.')
+  flags.DEFINE_float('empty_frac', 0.05, 'Share of users with an empty profile.')
+  flags.DEFINE_float('long_frac', 0.02, 'Share of users with more than 512 profile items.')
+  flags.DEFINE_integer('mean_items', 20, 'Mean profile size of the other users.')
+  flags.DEFINE_float('signal', 0.8, "Share of a user's items that show their preference.")
+  flags.mark_flag_as_required('out')
+  app.run(main)

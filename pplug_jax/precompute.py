@@ -1,0 +1,188 @@
+"""Embeds every profile item and query once and writes sharded TFRecords plus metadata.
+
+    python -m pplug_jax.precompute --config configs/lamp.py:task=2 \
+        --config.encoder.path=DIR --config.llm.path=DIR --config.data.lamp_dir=DIR \
+        --config.data.records_dir=OUT
+
+Resumable: a shard is written to `*.tmp` and renamed when complete, finished shards are kept,
+and a rerun continues with the rest. Records made with another encoder, tokenizer, max lengths
+or input files are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pplug_jax import tokenizers
+from pplug_jax.data import lamp, records
+from pplug_jax.models.text_encoder import TextEncoder
+
+FINGERPRINT_KEYS = ('task', 'split_type', 'encoder_name', 'encoder_path', 'pooling', 'normalize',
+                    'dim', 'embedding_dtype', 'encoder_dtype', 'query_prefix', 'llm_tokenizer',
+                    'encoder_tokenizer', 'max_input_length', 'max_target_length', 'max_history',
+                    'item_max_length', 'query_max_length', 'num_shards')
+
+
+def records_dir(config, workdir: str = '') -> str:
+  if config.data.records_dir:
+    return config.data.records_dir
+  if not workdir:
+    raise ValueError('config.data.records_dir is empty and no --workdir was given.')
+  return os.path.join(workdir, 'records')
+
+
+def _file_hash(paths: list[str | None]) -> str:
+  h = hashlib.sha256()
+  for p in paths:
+    if p:
+      with open(p, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+          h.update(chunk)
+  return h.hexdigest()
+
+
+def _check_fingerprint(out_dir: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
+  """Existing metadata must describe the same encoder/tokenizer/lengths; returns it (or {})."""
+  if not os.path.exists(os.path.join(out_dir, records.METADATA)):
+    return {}
+  meta = records.read_metadata(out_dir)
+  old = meta.get('fingerprint', {})
+  diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
+  if diff:
+    raise ValueError(f'{out_dir}: records were made with different settings '
+                     f'{ {k: f"{a!r} -> {b!r}" for k, (a, b) in diff.items()} }. '
+                     'Use a new config.data.records_dir (or delete the old one).')
+  return meta
+
+
+def _history(example: lamp.Example, max_history: int):
+  return lamp.recent_history(example.profile, max_history)
+
+
+def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config,
+                  stats: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Embeddings of the shard's unique history items (by id) and of its queries."""
+  texts: dict[str, str] = {}
+  for ex in examples:
+    for item in _history(ex, config.data.max_history):
+      if item.id in texts and texts[item.id] != item.text:
+        stats['conflicting_item_ids'] += 1  # same id, other text: the first text is kept
+      texts.setdefault(item.id, item.text)
+  ids = list(texts)
+  item_emb = encoder.encode([texts[i] for i in ids], progress='history items')
+  queries = [config.encoder.query_prefix + ex.query for ex in examples]
+  query_emb = encoder.encode(queries, progress='queries')
+  stats['items_encoded'] += len(ids) + len(queries)
+  return dict(zip(ids, item_emb)), query_emb
+
+
+def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict[str, Any]:
+  """Precomputes every split found; returns the metadata. `stop_after_shards` is for tests."""
+  spec = lamp.task_spec(config.task)
+  out_dir = records_dir(config, workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  root = lamp.task_dir(config.data.lamp_dir, spec.name, config.split_type)
+  if not config.data.lamp_dir or not os.path.isdir(root):
+    raise ValueError(f'config.data.lamp_dir={config.data.lamp_dir!r}: no {root}. Download '
+                     f'LaMP ({spec.name}) and point config.data.lamp_dir at the folder holding '
+                     f'{os.path.basename(root)}/.')
+  encoder = TextEncoder(config.encoder.path, config.encoder.pooling, config.encoder.normalize,
+                        config.encoder.dtype, config.encoder.batch_size,
+                        config.data.item_max_length)
+  llm_tok = tokenizers.llm_tokenizer(config)
+  fingerprint = dict(
+      task=spec.name, split_type=config.split_type, encoder_name=config.encoder.name,
+      encoder_path=os.path.abspath(config.encoder.path), pooling=encoder.config.pooling,
+      normalize=encoder.config.normalize, dim=encoder.dim,
+      embedding_dtype=config.data.embedding_dtype, encoder_dtype=config.encoder.dtype,
+      query_prefix=config.encoder.query_prefix, llm_tokenizer=tokenizers.tokenizer_name(llm_tok),
+      encoder_tokenizer=tokenizers.tokenizer_name(encoder.tokenizer),
+      max_input_length=config.data.max_input_length,
+      max_target_length=config.data.max_target_length, max_history=config.data.max_history,
+      item_max_length=config.data.item_max_length,
+      query_max_length=config.data.query_max_length, num_shards=config.data.num_shards)
+  meta = _check_fingerprint(out_dir, fingerprint) or {'fingerprint': fingerprint, 'splits': {}}
+  records.write_metadata(out_dir, meta)
+  stats = {'items_encoded': 0, 'conflicting_item_ids': 0}
+  shards_done = 0
+  start = time.time()
+  for split in lamp.SPLITS:
+    try:
+      qfile, ofile = lamp.split_files(root, split)
+    except lamp.LampError:
+      logging.info('%s: no %s split, skipped.', root, split)
+      continue
+    examples = lamp.load_split(config.data.lamp_dir, spec.name, split, config.split_type)
+    digest = _file_hash([qfile, ofile])
+    old = meta['splits'].get(split)
+    if old and old['sha256'] != digest:
+      raise ValueError(f'{out_dir}: {split} records were made from other input files '
+                       f'({qfile} changed). Use a new config.data.records_dir.')
+    n = config.data.num_shards
+    parts = np.array_split(np.arange(len(examples)), n)
+    meta['splits'][split] = {
+        'sha256': digest, 'examples': len(examples), 'shard_counts': [len(p) for p in parts],
+        'empty_histories': sum(not e.profile for e in examples),
+        'truncated_histories': sum(len(e.profile) > config.data.max_history for e in examples),
+        'has_outputs': ofile is not None}
+    records.write_metadata(out_dir, meta)
+    for shard, rows in enumerate(parts):
+      path = records.shard_path(out_dir, split, shard, n)
+      if os.path.exists(path):
+        continue  # finished earlier
+      if stop_after_shards is not None and shards_done >= stop_after_shards:
+        return meta
+      shard_examples = [examples[i] for i in rows]
+      item_emb, query_emb = _encode_shard(shard_examples, encoder, config, stats)
+      with tf.io.TFRecordWriter(path + '.tmp') as w:
+        for ex, q_emb in zip(shard_examples, query_emb):
+          hist = _history(ex, config.data.max_history)
+          h_emb = (np.stack([item_emb[i.id] for i in hist]) if hist else
+                   np.zeros((0, encoder.dim), np.float32))
+          w.write(records.serialize_example(
+              example_id=ex.id,
+              input_ids=llm_tok(ex.input, truncation=True,
+                                max_length=config.data.max_input_length)['input_ids'],
+              target_ids=llm_tok(ex.output, truncation=True,
+                                 max_length=config.data.max_target_length)['input_ids']
+              if ex.output is not None else [],
+              target_text=ex.output or '',
+              query_embedding=q_emb,
+              query_encoder_ids=encoder.tokenize([config.encoder.query_prefix + ex.query],
+                                                 config.data.query_max_length)[0],
+              history_embeddings=h_emb, history_dates=[i.date for i in hist],
+              history_item_ids=[i.id for i in hist],
+              embedding_dtype=config.data.embedding_dtype))
+      os.replace(path + '.tmp', path)
+      shards_done += 1
+      logging.info('%s: wrote %s (%d examples)', split, path, len(rows))
+  elapsed = time.time() - start
+  meta['stats'] = dict(stats, seconds=round(elapsed, 2),
+                       items_per_second=round(stats['items_encoded'] / max(elapsed, 1e-9), 1))
+  if stats['conflicting_item_ids']:
+    logging.warning('%d profile items reuse an id with different text; the first text was kept.',
+                    stats['conflicting_item_ids'])
+  records.write_metadata(out_dir, meta)
+  return meta
+
+
+def main(argv):
+  del argv
+  meta = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  logging.info('precompute done: %s', meta.get('stats'))
+  print(meta.get('stats'))
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
+  flags.DEFINE_string('workdir', '', 'Records go to <workdir>/records unless '
+                      'config.data.records_dir is set.')
+  app.run(main)
