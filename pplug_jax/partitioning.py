@@ -28,6 +28,8 @@ STANDARD_RULES: tuple[tuple[str, Any], ...] = (
     ('token_type', None),
     ('layers', None),
     ('history', None),
+    ('plug_in', None),
+    ('embed_out', None),
 )
 
 

@@ -49,7 +49,7 @@ def _pad_1d(x: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
 def pad_example(ex: dict[str, tf.Tensor], config) -> dict[str, tf.Tensor]:
   """Variable-length parsed example -> the static shapes of `shapes()` plus its id."""
   d = config.data
-  out = {'id': ex['id']}
+  out = {'id': ex['id'], 'target_text': ex['target_text']}
   out['input_ids'], out['input_mask'] = _pad_1d(ex['input_ids'], d.max_input_length)
   out['target_ids'], out['target_mask'] = _pad_1d(ex['target_ids'], d.max_target_length)
   out['query_encoder_ids'], out['query_encoder_mask'] = _pad_1d(ex['query_encoder_ids'],
@@ -157,6 +157,7 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
   blank = {k: tf.zeros(s, tf.float32 if k in ('history', 'query_embedding') else tf.int32)
            for k, s in shapes(config, dim).items()}
   blank['id'] = tf.constant(b'')
+  blank['target_text'] = tf.constant(b'')
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(filler))
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(config.data.prefetch)
   return num_batches, ds.as_numpy_iterator()

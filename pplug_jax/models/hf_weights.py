@@ -305,6 +305,32 @@ def _unbox(tree):
   return nn.meta.unbox(tree)
 
 
+def save_t5(path: str, config: t5_lib.T5Config, params: Params) -> None:
+  """Writes (unscanned) params as a Hugging Face T5 directory: config.json + model.safetensors."""
+  from safetensors.numpy import save_file
+  os.makedirs(path, exist_ok=True)
+  flat = traverse_util.flatten_dict(params)
+  tensors = {}
+  for ours, (theirs, fn) in _t5_mapping(config).items():
+    tensors[theirs] = np.ascontiguousarray(fn(np.asarray(flat[ours], np.float32)))
+  save_file(tensors, os.path.join(path, 'model.safetensors'))
+  hf = dict(model_type='t5', architectures=['T5ForConditionalGeneration'],
+            vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
+            d_ff=config.d_ff, num_layers=config.num_encoder_layers,
+            num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
+            relative_attention_num_buckets=config.relative_attention_num_buckets,
+            relative_attention_max_distance=config.relative_attention_max_distance,
+            layer_norm_epsilon=config.layer_norm_epsilon,
+            feed_forward_proj=('gated-' if config.gated else '') + (
+                'gelu' if config.activation == 'gelu_new' else config.activation),
+            tie_word_embeddings=config.tie_word_embeddings,
+            scale_decoder_outputs=config.scale_decoder_outputs,
+            pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
+            decoder_start_token_id=config.decoder_start_token_id, dropout_rate=0.0)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=1)
+
+
 def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
               **config_overrides) -> tuple[bert_lib.BertConfig, Params]:
   """Loads a Hugging Face BERT directory (BGE, MiniLM, Contriever) as (BertConfig, params).

