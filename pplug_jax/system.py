@@ -139,7 +139,7 @@ def make_train_step(system: System, tx: optax.GradientTransformation):
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
-    return new, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
   return step
 

@@ -1,0 +1,174 @@
+"""The plug and one real train step: only the plug moves, gradients are right, no NaN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import lamp as lamp_config
+from pplug_jax import partitioning, system as system_lib
+from pplug_jax.models import plug as plug_lib
+
+DIM = 12
+
+
+def _system(tiny_t5, **plug_kw):
+  config = lamp_config.get_config('demo')
+  config.llm.path = tiny_t5['v1.1'][0]
+  config.llm.param_dtype = config.llm.dtype = 'float32'
+  mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
+  return config, system_lib.load_system(config, DIM, mesh)
+
+
+def _batch(n=4, hist=5, seed=0, empty_rows=()):
+  rng = np.random.RandomState(seed)
+  h = rng.normal(size=(n, hist, DIM)).astype(np.float32)
+  h /= np.linalg.norm(h, axis=-1, keepdims=True)
+  hmask = (rng.rand(n, hist) < 0.8).astype(np.int32)
+  hmask[:, 0] = 1
+  for r in empty_rows:
+    hmask[r] = 0
+    h[r] = 0
+  q = rng.normal(size=(n, DIM)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=-1, keepdims=True)
+  ids = rng.randint(2, 96, (n, 7)).astype(np.int32)
+  imask = np.ones_like(ids)
+  imask[1, 5:] = 0
+  tgt = rng.randint(2, 96, (n, 4)).astype(np.int32)
+  return {k: jnp.asarray(v) for k, v in dict(
+      query_embedding=q, history=h, history_mask=hmask, input_ids=ids, input_mask=imask,
+      target_ids=tgt, target_mask=np.ones_like(tgt)).items()}
+
+
+def test_only_the_plug_is_updated(tiny_t5):
+  config, system = _system(tiny_t5)
+  trainable = system.init_trainable(0)
+  tx, _ = system_lib.build_optimizer(config, 10)
+  state = {'step': jnp.int32(0), 'params': trainable, 'opt_state': tx.init(trainable)}
+  llm_before = jax.tree.map(np.array, system.llm_params)
+  plug_before = jax.tree.map(np.array, trainable)
+  batch = jax.tree.map(lambda x: x[None], _batch())  # one accumulation step
+  step = jax.jit(system_lib.make_train_step(system, tx))
+  for _ in range(2):  # warm-up makes the first lr 0; take two steps
+    state, metrics = step(state, system.llm_params, batch)
+  assert np.isfinite(float(metrics['loss']))
+  jax.tree.map(np.testing.assert_array_equal, llm_before, jax.tree.map(np.array, system.llm_params))
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))),
+                                         plug_before, state['params']))
+  assert all(changed)
+  # the optimizer state holds exactly the plug's shapes, nothing of the LLM's
+  n_plug = plug_lib.count_params(state['params'])
+  opt_sizes = [x.size for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0]
+  assert sum(opt_sizes) == 2 * n_plug  # Adam's mu and nu
+  assert set(state['params']) == {'plug'}
+
+
+def test_soft_token_gradient_matches_finite_differences(tiny_t5):
+  config, system = _system(tiny_t5)
+  batch = _batch(seed=1)
+  base, bmask = plug_lib.personalised_inputs(system.llm, system.llm_params, None,
+                                             batch['input_ids'], batch['input_mask'])
+  soft = jnp.asarray(np.random.RandomState(2).normal(size=(4, 2, 32)).astype(np.float32))
+
+  def loss(s):
+    emb = jnp.concatenate([s, base], 1)
+    mask = jnp.concatenate([jnp.ones((4, 2), bmask.dtype), bmask], 1)
+    return system.loss_from_inputs(system.llm_params, emb, mask, batch)
+
+  with jax.default_matmul_precision('float32'):
+    g = np.asarray(jax.grad(loss)(soft))
+    loss64 = jax.jit(loss)
+    rng = np.random.RandomState(3)
+    for _ in range(4):
+      d = rng.normal(size=soft.shape).astype(np.float32)
+      d /= np.linalg.norm(d)
+      eps = 1e-2
+      fd = (float(loss64(soft + eps * d)) - float(loss64(soft - eps * d))) / (2 * eps)
+      assert abs(fd - float((g * d).sum())) <= 2e-3 * max(1.0, abs(fd)), (fd, (g * d).sum())
+
+
+def test_empty_history_gives_finite_loss_and_gradients(tiny_t5):
+  config, system = _system(tiny_t5)
+  trainable = system.init_trainable(0)
+  batch = _batch(seed=4, empty_rows=(0, 2))
+  soft, weights = system.soft_tokens(trainable, batch)
+  np.testing.assert_array_equal(np.asarray(soft[0, 1]), 0.0)  # defined persona: zero
+  assert np.asarray(weights[0]).sum() == 0 and abs(float(weights[1].sum()) - 1) < 1e-6
+  loss, grads = jax.value_and_grad(system.loss)(trainable, system.llm_params, batch)
+  assert np.isfinite(float(loss))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
+  # all users cold-start: still finite
+  cold = _batch(seed=5, empty_rows=range(4))
+  loss, grads = jax.value_and_grad(system.loss)(trainable, system.llm_params, cold)
+  assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(x)).all()
+                                          for x in jax.tree.leaves(grads))
+
+
+def test_persona_scale_is_the_mean_embedding_norm(tiny_t5):
+  config, system = _system(tiny_t5)
+  table = np.asarray(system.llm_params['token_embedder']['embedding'])
+  want = np.linalg.norm(table, axis=-1).mean()
+  assert abs(system.plug.persona_scale - want) < 1e-4 * want
+  assert abs(system.plug.instruction_scale - want / 7) < 1e-4 * want
+
+
+def test_plug_attention_matches_numpy():
+  plug = plug_lib.PersonaPlug(DIM, 8, 3.0, 0.5)
+  b = _batch(seed=6)
+  params = plug.init(jax.random.PRNGKey(0), b['query_embedding'], b['history'],
+                     b['history_mask'])['params']
+  from flax import linen as nn
+  params = nn.meta.unbox(params)
+  soft, w = plug.apply({'params': params}, b['query_embedding'], b['history'], b['history_mask'])
+  q, h, m = (np.asarray(b[k], np.float64) for k in ('query_embedding', 'history', 'history_mask'))
+  s = np.einsum('bd,bhd->bh', q, h)
+  s = np.where(m > 0, s, -np.inf)
+  wn = np.exp(s - s.max(1, keepdims=True))
+  wn /= wn.sum(1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(w), wn, atol=1e-6)
+  from scipy.special import erf
+  gelu = lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))
+  p = params['align_mlp']
+  proj = gelu(h @ p['fc1']['kernel'] + p['fc1']['bias']) @ p['fc2']['kernel'] + p['fc2']['bias']
+  persona = np.einsum('bh,bhd->bd', wn, proj) * 3.0
+  np.testing.assert_allclose(np.asarray(soft[:, 1]), persona, atol=1e-5)
+  pi = params['align_mlp_inst']
+  v = np.asarray(params['inst_token'])
+  inst = (gelu(v @ pi['fc1']['kernel'] + pi['fc1']['bias']) @ pi['fc2']['kernel'] +
+          pi['fc2']['bias']) * 0.5
+  np.testing.assert_allclose(np.asarray(soft[2, 0]), inst, atol=1e-5)
+
+
+def test_config_typos_are_errors(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, '-m', 'pplug_jax.train', '--config',
+                         'configs/lamp.py:demo', '--config.optim.lrr=0.5',
+                         f'--workdir={tmp_path}'], capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert 'lrr' in proc.stderr
+  assert not (tmp_path / 'demo').exists()  # failed before doing any work
+  with pytest.raises(ValueError, match='unknown args'):
+    lamp_config.get_config('tsk=2')
+
+
+def test_missing_weights_fail_fast_naming_the_key(tmp_path):
+  import subprocess
+  import sys
+  import time
+  t = time.time()
+  proc = subprocess.run([sys.executable, '-m', 'pplug_jax.train', '--config',
+                         'configs/lamp.py:task=4,size=xxl', f'--workdir={tmp_path}'],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  for key in ('config.llm.path', 'config.encoder.path', 'config.data.lamp_dir',
+              'google/flan-t5-xxl'):
+    assert key in proc.stderr, proc.stderr[-2000:]
+  assert time.time() - t < 60
+
+
+def test_train_step_on_8_devices_equals_single_device(tiny_t5):
+  from multidevice_util import run_on_8_devices
+  out = run_on_8_devices('sharded_train_step.py', tiny_t5['v1.1'][0])
+  assert set(out) == {'(2, 4)', '(8, 1)'}
