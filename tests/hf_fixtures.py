@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 def save_tiny_t5(path: str, version: str = 'v1.1', seed: int = 0, vocab_size: int = 96,
                  d_model: int = 32, num_layers: int = 2, num_decoder_layers: int = 3,
-                 num_heads: int = 4, d_kv: int = 8, d_ff: int = 48):
+                 num_heads: int = 4, d_kv: int = 8, d_ff: int = 48, eos_boost: float = 1.0):
   """Saves a random T5 (v1.1: gated-gelu, untied head; v1.0: relu, tied) and returns it (eval)."""
   from transformers import T5Config, T5ForConditionalGeneration
   torch.manual_seed(seed)
@@ -29,7 +29,9 @@ def save_tiny_t5(path: str, version: str = 'v1.1', seed: int = 0, vocab_size: in
            if k not in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')}
   if v11:
     # transformers>=5 always ties the head; FlanT5 checkpoints have their own lm_head.
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, d_model) * d_model**-0.5)
+    head = torch.randn(vocab_size, d_model) * d_model**-0.5
+    head[config.eos_token_id] *= eos_boost  # > 1: EOS wins more often, inside short horizons
+    model.lm_head.weight = torch.nn.Parameter(head)
     state['lm_head.weight'] = model.lm_head.weight.detach().clone()
   else:
     state.pop('lm_head.weight', None)
