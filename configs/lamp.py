@@ -114,6 +114,8 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict()
   c.eval.num_beams = 4
   c.eval.length_penalty = 1.0
+  c.eval.early_stopping = False
+  c.eval.explain_top_k = 5     # evaluate writes the top-k history items per example
   c.eval.max_new_tokens = c.data.max_target_length
 
   c.mesh_shape = (-1, 1)        # (data, model); -1 = all remaining devices

@@ -92,7 +92,7 @@ def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
       shardings=lambda boxed: partitioning.logical_shardings(boxed, mesh, rules), **overrides)
   llm_config = dataclasses.replace(llm_config, dtype=as_dtype(config.llm.dtype))
   llm = t5_lib.T5(llm_config)
-  plug = plug_lib.make_plug(config, encoder_dim, llm_config, llm_params)
+  plug = plug_lib.make_plug(config, encoder_dim, llm_config)
   query_encoder = query_params = None
   if config.encoder.mode == 'finetune':
     bconf, query_params = hf_weights.load_bert(config.encoder.path,

@@ -13,21 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from pplug_jax import generation, partitioning, precompute, system as system_lib
+from pplug_jax import checkpoints, generation, partitioning, precompute, system as system_lib
 from pplug_jax.data import lamp, pipeline, records
 from pplug_jax.models import plug as plug_lib
 
@@ -63,13 +61,6 @@ def _records_complete(rdir: str) -> bool:
       for s, info in meta['splits'].items())
 
 
-def _checkpoint_args(state, meta=None):
-  items = {'state': ocp.args.StandardSave(state) if meta is not None else
-           ocp.args.StandardRestore(state)}
-  items['meta'] = ocp.args.JsonSave(meta) if meta is not None else ocp.args.JsonRestore()
-  return ocp.args.Composite(**items)
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """The main job; returns the final dev metrics (and the demo comparison when config.demo)."""
   # ---------------------------------------------------------------- set-up
@@ -79,6 +70,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     from pplug_jax import demo
     demo.prepare(config, workdir)
   rdir = check_inputs(config, workdir)
+  checkpoints.save_config(workdir, config)
   if not _records_complete(rdir):
     logging.info('Precomputing encoder embeddings into %s', rdir)
     precompute.run(config, workdir)
@@ -116,20 +108,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   abstract = jax.eval_shape(init_state)
   state_sharding = system_lib.replicated_like(abstract, mesh)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.keep_checkpoints, create=True))
-  best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'best'),
-                               options=ocp.CheckpointManagerOptions(
-                                   max_to_keep=1, create=True, best_fn=lambda m: m['score'],
-                                   best_mode='max'))
+  manager, best = checkpoints.managers(workdir, config.train.keep_checkpoints)
   latest = manager.latest_step()
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)
-    restored = manager.restore(latest, args=_checkpoint_args(target))
+    restored = manager.restore(latest, args=checkpoints.restore_args(target))
     state, data_batches = restored['state'], restored['meta']['data_batches']
-    logging.info('Resumed from %s at step %d', ckpt_dir, latest)
+    logging.info('Resumed from %s at step %d', manager.directory, latest)
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)()
     data_batches = 0
@@ -208,12 +194,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       logging.info('step %d dev: %s', step, _fmt(last_eval))
       for k, v in last_eval.items():
         writer.add_scalar(f'dev/{k}', v, step)
-      best.save(step, args=_checkpoint_args(state, {'data_batches': data_batches, 'step': step,
-                                                    'seed': config.seed}),
+      best.save(step, args=checkpoints.save_args(state, {'data_batches': data_batches,
+                                                         'step': step, 'dev': last_eval}),
                 metrics={'score': float(score_of(last_eval))})
     if step % config.train.checkpoint_every == 0 or step == total_steps:
-      manager.save(step, args=_checkpoint_args(state, {'data_batches': data_batches, 'step': step,
-                                                       'seed': config.seed}))
+      manager.save(step, args=checkpoints.save_args(state, {'data_batches': data_batches,
+                                                            'step': step, 'seed': config.seed}))
   bar.close()
   if pending is not None:
     _check_finite(*pending)

@@ -84,3 +84,95 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_run, tmp_path):
   import jax
   diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b))
   assert max(diffs) == 0.0, max(diffs)
+
+
+def _demo_config(workdir):
+  from pplug_jax import checkpoints
+  return checkpoints.load_config(str(workdir))
+
+
+def test_evaluate_writes_every_id_once_with_a_ragged_last_batch(demo_run):
+  from pplug_jax import evaluate
+  from pplug_jax.data import lamp
+  workdir, result, _ = demo_run
+  config = _demo_config(workdir)
+  config.train.eval_batch_size = 7  # 100 dev users: 14 full batches and a ragged one
+  metrics = evaluate.evaluate(config, str(workdir), 'dev', 'best')
+  with open(workdir / 'predictions_dev.json') as f:
+    preds = json.load(f)
+  ids = [g['id'] for g in preds['golds']]
+  dev = lamp.load_split(config.data.lamp_dir, config.task, 'dev')
+  assert preds['task'] == 'LaMP_2'
+  assert len(ids) == len(set(ids)) == len(dev) == metrics['count']
+  assert set(ids) == {e.id for e in dev}
+  # the metrics file is the official metric of those predictions against the gold outputs
+  from pplug_jax.metrics import lamp_metrics
+  gold = {e.id: e.output for e in dev}
+  by_id = {g['id']: g['output'] for g in preds['golds']}
+  want = lamp_metrics('LaMP_2', [by_id[i] for i in sorted(gold)], [gold[i] for i in sorted(gold)])
+  assert metrics['accuracy'] == want['accuracy'] and metrics['f1'] == want['f1']
+  with open(workdir / 'explanations_dev.json') as f:
+    explain = json.load(f)
+  some = next(v for v in explain.values() if v)
+  assert 0 < sum(e['weight'] for e in some) <= 1.0 + 1e-6 and some[0]['item_id']
+  assert [e['weight'] for e in some] == sorted((e['weight'] for e in some), reverse=True)
+  # test split: leaderboard-format predictions and no metrics (no outputs)
+  test = evaluate.evaluate(config, str(workdir), 'test', 'best')
+  assert 'accuracy' not in test
+  with open(workdir / 'predictions_test.json') as f:
+    assert len(json.load(f)['golds']) == len(lamp.load_split(config.data.lamp_dir, 'LaMP_2',
+                                                             'test'))
+
+
+def test_export_then_inference_api_reproduces_the_checkpoint(demo_run, tmp_path):
+  from safetensors.numpy import load_file
+  from pplug_jax import checkpoints, export
+  from pplug_jax.data import lamp
+  from pplug_jax.inference import PersonaPlugGenerator
+  workdir, _, _ = demo_run
+  config = _demo_config(workdir)
+  out = tmp_path / 'plug'
+  proc = subprocess.run([sys.executable, '-m', 'pplug_jax.export', f'--workdir={workdir}',
+                         f'--out={out}', '--reference_names'], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  params, _ = checkpoints.load_params(str(workdir), 'best')
+  ref = load_file(str(out / 'pplug_reference.safetensors'))
+  np.testing.assert_array_equal(ref['align_mlp.0.weight'],
+                                params['plug']['align_mlp']['fc1']['kernel'].T)
+  np.testing.assert_array_equal(ref['align_mlp_inst.2.bias'],
+                                params['plug']['align_mlp_inst']['fc2']['bias'])
+  np.testing.assert_array_equal(ref['inst_token'], params['plug']['inst_token'])
+  assert sorted(ref) == sorted(['inst_token'] + [f'{m}.{i}.{p}' for m in ('align_mlp',
+                                                                          'align_mlp_inst')
+                                                 for i in (0, 2) for p in ('weight', 'bias')])
+
+  gen = PersonaPlugGenerator(config.llm.path, config.encoder.path, str(out))
+  with open(workdir / 'predictions_dev.json') as f:
+    from_checkpoint = {g['id']: g['output'] for g in json.load(f)['golds']}
+  dev = lamp.load_split(config.data.lamp_dir, 'LaMP_2', 'dev')[:12]
+  texts = gen.generate([e.input for e in dev], histories=[[i.text for i in
+                                                           lamp.recent_history(e.profile, config.data.max_history)]
+                                                          for e in dev])
+  assert texts == [from_checkpoint[e.id] for e in dev]
+  # users added incrementally, and a cold-start user
+  e = next(x for x in dev if len(x.profile) > 4)
+  items = [i.text for i in lamp.recent_history(e.profile, config.data.max_history)]
+  gen.add_history('u', items[:2])
+  assert gen.add_history('u', items[2:]) == len(items)
+  assert gen.generate([e.input], user_ids=['u']) == [from_checkpoint[e.id]]
+  cold = gen.generate([e.input], user_ids=['nobody'])
+  assert isinstance(cold[0], str)
+
+
+def test_bad_checkpoint_and_export_directories(tmp_path):
+  from pplug_jax import checkpoints, export
+  with pytest.raises(checkpoints.CheckpointNotFound, match='Train'):
+    checkpoints.load_params(str(tmp_path), 'best')
+  broken = tmp_path / 'checkpoints' / '5'
+  broken.mkdir(parents=True)
+  (broken / 'state').mkdir()
+  with pytest.raises(checkpoints.CheckpointNotFound, match='not a readable'):
+    checkpoints.load_params(str(tmp_path), 'latest')
+  with pytest.raises(FileNotFoundError, match='not a plug export'):
+    export.load_export(str(tmp_path))

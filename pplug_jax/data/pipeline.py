@@ -46,10 +46,18 @@ def _pad_1d(x: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
   return tf.pad(x, [[0, length - n]]), tf.pad(tf.ones([n], tf.int32), [[0, length - n]])
 
 
-def pad_example(ex: dict[str, tf.Tensor], config) -> dict[str, tf.Tensor]:
-  """Variable-length parsed example -> the static shapes of `shapes()` plus its id."""
+def pad_example(ex: dict[str, tf.Tensor], config,
+                with_item_ids: bool = False) -> dict[str, tf.Tensor]:
+  """Variable-length parsed example -> the static shapes of `shapes()` plus its id and text.
+
+  with_item_ids adds the history item ids (host-side strings, for explanations).
+  """
   d = config.data
   out = {'id': ex['id'], 'target_text': ex['target_text']}
+  if with_item_ids:
+    ids = ex['history_item_ids'][-d.max_history:] if d.max_history > 0 else \
+        ex['history_item_ids'][:0]
+    out['history_item_ids'] = tf.pad(ids, [[0, d.max_history - tf.shape(ids)[0]]])
   out['input_ids'], out['input_mask'] = _pad_1d(ex['input_ids'], d.max_input_length)
   out['target_ids'], out['target_mask'] = _pad_1d(ex['target_ids'], d.max_target_length)
   out['query_encoder_ids'], out['query_encoder_mask'] = _pad_1d(ex['query_encoder_ids'],
@@ -151,13 +159,14 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
   per_process = [sum(counts[p::pc]) for p in range(pc)]
   num_batches = max(1, math.ceil(max(per_process) / local_batch_size))
   mine = _process_files(files, pi, pc, records_dir)
-  ds = _parsed(mine, meta).map(lambda ex: pad_example(ex, config))
+  ds = _parsed(mine, meta).map(lambda ex: pad_example(ex, config, with_item_ids=True))
   filler = num_batches * local_batch_size - per_process[pi]
   dim = meta['fingerprint']['dim']
   blank = {k: tf.zeros(s, tf.float32 if k in ('history', 'query_embedding') else tf.int32)
            for k, s in shapes(config, dim).items()}
   blank['id'] = tf.constant(b'')
   blank['target_text'] = tf.constant(b'')
+  blank['history_item_ids'] = tf.fill([config.data.max_history], b'')
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(filler))
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(config.data.prefetch)
   return num_batches, ds.as_numpy_iterator()

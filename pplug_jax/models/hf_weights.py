@@ -331,6 +331,14 @@ def save_t5(path: str, config: t5_lib.T5Config, params: Params) -> None:
     json.dump(hf, f, indent=1)
 
 
+def embedding_norm_mean(path: str) -> float:
+  """Mean L2 norm of the token-embedding rows of a T5 directory, read from disk alone."""
+  table = SafetensorsDir(path).get('shared.weight')
+  norms = [np.linalg.norm(np.asarray(table[i:i + 4096], np.float32), axis=-1)
+           for i in range(0, table.shape[0], 4096)]
+  return float(np.concatenate(norms).mean())
+
+
 def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
               **config_overrides) -> tuple[bert_lib.BertConfig, Params]:
   """Loads a Hugging Face BERT directory (BGE, MiniLM, Contriever) as (BertConfig, params).

@@ -63,17 +63,14 @@ class PersonaPlug(nn.Module):
     return soft, weights
 
 
-def embedding_norm_scale(llm_params: dict) -> float:
-  """Mean L2 norm of the backbone's token-embedding rows (about 540 for FlanT5-XXL)."""
-  table = llm_params['token_embedder']['embedding']
-  return float(jnp.mean(jnp.linalg.norm(table.astype(jnp.float32), axis=-1)))
-
-
-def make_plug(config, encoder_dim: int, llm_config: t5_lib.T5Config, llm_params: dict) -> PersonaPlug:
-  """The plug for a loaded backbone; scales derived from its embedding table unless set."""
+def make_plug(config, encoder_dim: int, llm_config: t5_lib.T5Config) -> PersonaPlug:
+  """The plug for a backbone. Unless config.plug.persona_scale is set, the scale is the mean L2
+  norm of the backbone's token-embedding rows, read in float32 from its checkpoint (about 540
+  for FlanT5-XXL, the reference's constant)."""
+  from pplug_jax.models import hf_weights
   scale = config.plug.persona_scale
   if scale is None or scale <= 0:
-    scale = embedding_norm_scale(llm_params)
+    scale = hf_weights.embedding_norm_mean(config.llm.path)
   return PersonaPlug(encoder_dim, llm_config.d_model, float(scale),
                      float(scale) / config.plug.instruction_scale_divisor,
                      t5_lib.as_dtype(config.plug.dtype))

@@ -1,0 +1,80 @@
+"""Orbax checkpoints in a workdir: the last N in checkpoints/, the best by dev metric in best/."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+
+
+class CheckpointNotFound(FileNotFoundError):
+  """No usable checkpoint; the message says where it looked and what to do."""
+
+
+def managers(workdir: str, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+  root = os.path.abspath(workdir)
+  latest = ocp.CheckpointManager(os.path.join(root, 'checkpoints'),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                                      create=True))
+  best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
+      max_to_keep=1, create=True, best_fn=lambda m: m['score'], best_mode='max'))
+  return latest, best
+
+
+def save_args(state: Any, meta: dict) -> ocp.args.Composite:
+  return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+
+def restore_args(abstract_state: Any) -> ocp.args.Composite:
+  return ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                            meta=ocp.args.JsonRestore())
+
+
+def find(workdir: str, which: str = 'best') -> tuple[str, int]:
+  """(step directory, step) of the best (falling back to latest) or latest checkpoint."""
+  order = ['best', 'checkpoints'] if which == 'best' else ['checkpoints']
+  if which not in ('best', 'latest'):
+    raise ValueError(f"checkpoint={which!r}: use 'best' or 'latest'.")
+  for sub in order:
+    folder = os.path.join(os.path.abspath(workdir), sub)
+    if not os.path.isdir(folder):
+      continue
+    steps = sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+    if steps:
+      return os.path.join(folder, str(steps[-1])), steps[-1]
+  raise CheckpointNotFound(f'{workdir}: no finished checkpoint in {" or ".join(order)}/. Train '
+                           'first: python -m pplug_jax.train --config ... --workdir ' + workdir)
+
+
+def load_params(workdir: str, which: str = 'best') -> tuple[dict, int]:
+  """The trainable params (plug, and the input encoder when fine-tuned) of a checkpoint, numpy."""
+  path, step = find(workdir, which)
+  try:
+    state = ocp.StandardCheckpointer().restore(os.path.join(path, 'state'))
+  except Exception as e:  # a truncated or foreign directory
+    raise CheckpointNotFound(f'{path}: not a readable pplug_jax checkpoint ({e}). Delete it '
+                             'and resume from an earlier one.') from e
+  if not isinstance(state, dict) or 'plug' not in state.get('params', {}):
+    raise CheckpointNotFound(f'{path}: no plug params in this checkpoint.')
+  return jax.tree.map(np.asarray, state['params']), step
+
+
+def save_config(workdir: str, config) -> None:
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json(indent=1))
+
+
+def load_config(workdir: str):
+  """The config a workdir was trained with (written by train)."""
+  import ml_collections
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointNotFound(f'{workdir}: no {CONFIG_FILE}; is this a pplug_jax workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,75 @@
+"""Generates for every example of a split from a trained plug; writes LaMP predictions + metrics.
+
+    python -m pplug_jax.evaluate --workdir DIR [--split dev|test] [--checkpoint best|latest]
+
+Writes DIR/predictions_{split}.json ({"task", "golds": [{"id", "output"}]}: leaderboard-ready
+for test), DIR/metrics_{split}.json when the split has outputs, and
+DIR/explanations_{split}.json (the top-k history items and their attention weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pplug_jax import checkpoints, generation, partitioning, precompute, system as system_lib
+from pplug_jax.data import lamp, records
+
+
+def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> dict[str, Any]:
+  """Runs generation on `split` with the `which` checkpoint; returns metrics (may be empty)."""
+  trainable, step = checkpoints.load_params(workdir, which)
+  rdir = precompute.records_dir(config, workdir)
+  meta = records.read_metadata(rdir)
+  if split not in meta['splits']:
+    raise ValueError(f'{rdir}: no {split} records; precompute found {sorted(meta["splits"])}.')
+  mesh = partitioning.make_mesh(config.mesh_shape)
+  system = system_lib.load_system(config, meta['fingerprint']['dim'], mesh)
+  trainable = jax.device_put(trainable, system_lib.replicated_like(trainable, mesh))
+  spec = lamp.task_spec(config.task)
+  out = generation.generate_split(system, trainable, rdir, split, config.train.eval_batch_size,
+                                  desc=f'{split} (step {step})',
+                                  explain_top_k=config.eval.explain_top_k)
+  ids = sorted(out['predictions'], key=lambda i: (len(i), i))
+  preds = {'task': spec.name, 'golds': [{'id': i, 'output': out['predictions'][i]} for i in ids]}
+  result: dict[str, Any] = {'step': step, 'split': split, 'count': len(ids),
+                            'examples_per_second': out['examples_per_second']}
+  if jax.process_index() == 0:
+    _write(os.path.join(workdir, f'predictions_{split}.json'), preds)
+    if config.eval.explain_top_k > 0:
+      _write(os.path.join(workdir, f'explanations_{split}.json'), out['explanations'])
+  if meta['splits'][split].get('has_outputs'):
+    result.update(generation.score(spec.name, out))
+    if jax.process_index() == 0:
+      _write(os.path.join(workdir, f'metrics_{split}.json'), result)
+  logging.info('%s: %s', split, result)
+  return result
+
+
+def _write(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, ensure_ascii=False)
+  os.replace(tmp, path)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  config = f.config if f.config is not None else checkpoints.load_config(f.workdir)
+  print(json.dumps(evaluate(config, f.workdir, f.split, f.checkpoint), indent=1))
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Defaults to the config saved in the workdir.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'The training workdir.')
+  flags.DEFINE_enum('split', 'dev', ['train', 'dev', 'test'], 'Split to generate for.')
+  flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

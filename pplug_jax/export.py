@@ -1,0 +1,128 @@
+"""Exports the trained plug alone (no backbone): safetensors + a JSON config.
+
+    python -m pplug_jax.export --workdir DIR --out OUT [--checkpoint best] [--reference_names]
+
+OUT/plug.safetensors holds the plug ('align_mlp/fc1/kernel', ..., 'inst_token'), plus
+'query_encoder/...' when the input encoder was fine-tuned; OUT/plug_config.json says which base
+LLM and encoder it belongs to, its dims, scales, task and dev metrics. --reference_names also
+writes OUT/pplug_reference.safetensors with the reference PyTorch names and layouts
+(inst_token, align_mlp_inst.{0,2}.{weight,bias}, align_mlp.{0,2}.{weight,bias}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from pplug_jax import checkpoints, precompute
+from pplug_jax.data import records
+from pplug_jax.models import hf_weights, plug as plug_lib
+
+PLUG_FILE = 'plug.safetensors'
+CONFIG_FILE = 'plug_config.json'
+REFERENCE_FILE = 'pplug_reference.safetensors'
+
+
+def _flat(tree: dict) -> dict[str, np.ndarray]:
+  return {'/'.join(k): np.ascontiguousarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def reference_names(plug_params: dict) -> dict[str, np.ndarray]:
+  """The reference implementation's parameter names; torch Linear weights are [out, in]."""
+  out = {'inst_token': np.asarray(plug_params['inst_token'], np.float32)}
+  for ours, theirs in (('align_mlp', 'align_mlp'), ('align_mlp_inst', 'align_mlp_inst')):
+    for fc, idx in (('fc1', 0), ('fc2', 2)):
+      out[f'{theirs}.{idx}.weight'] = np.ascontiguousarray(plug_params[ours][fc]['kernel'].T,
+                                                           np.float32)
+      out[f'{theirs}.{idx}.bias'] = np.asarray(plug_params[ours][fc]['bias'], np.float32)
+  return out
+
+
+def export(workdir: str, out: str, which: str = 'best', with_reference_names: bool = False,
+           config=None) -> dict[str, Any]:
+  """Writes the plug of a workdir's checkpoint to `out`; returns the written plug config."""
+  config = config or checkpoints.load_config(workdir)
+  trainable, step = checkpoints.load_params(workdir, which)
+  llm_config = hf_weights.load_t5_config(config.llm.path)
+  meta = records.read_metadata(precompute.records_dir(config, workdir))
+  # the scale the plug was trained with (derived from the backbone unless set in the config)
+  scale = float(config.plug.persona_scale)
+  if scale <= 0:
+    scale = hf_weights.embedding_norm_mean(config.llm.path)
+  metrics = {}
+  result_file = os.path.join(workdir, 'train_result.json')
+  if os.path.exists(result_file):
+    with open(result_file) as f:
+      metrics = json.load(f).get('dev', {})
+  os.makedirs(out, exist_ok=True)
+  tensors = {f'plug/{k}': v for k, v in _flat(trainable['plug']).items()}
+  if 'query_encoder' in trainable:
+    tensors.update({f'query_encoder/{k}': v for k, v in _flat(trainable['query_encoder']).items()})
+  save_file(tensors, os.path.join(out, PLUG_FILE))
+  fp = meta['fingerprint']
+  plug_config = {
+      'format': 'pplug_jax.plug/1', 'task': config.task, 'step': step, 'dev_metrics': metrics,
+      'llm': {'name': config.llm.name, 'path': config.llm.path, 'tokenizer': config.llm.tokenizer,
+              'd_model': llm_config.d_model, 'dtype': config.llm.dtype},
+      'encoder': {'name': config.encoder.name, 'path': config.encoder.path, 'dim': fp['dim'],
+                  'pooling': fp['pooling'], 'normalize': fp['normalize'],
+                  'query_prefix': config.encoder.query_prefix, 'mode': config.encoder.mode},
+      'persona_scale': scale,
+      'instruction_scale': scale / config.plug.instruction_scale_divisor,
+      'num_soft_tokens': plug_lib.NUM_SOFT_TOKENS,
+      'data': {'max_input_length': config.data.max_input_length,
+               'max_history': config.data.max_history,
+               'item_max_length': config.data.item_max_length,
+               'query_max_length': config.data.query_max_length},
+      'generation': {'num_beams': config.eval.num_beams,
+                     'length_penalty': config.eval.length_penalty,
+                     'early_stopping': config.eval.early_stopping,
+                     'max_new_tokens': config.eval.max_new_tokens},
+  }
+  with open(os.path.join(out, CONFIG_FILE), 'w') as f:
+    json.dump(plug_config, f, indent=1)
+  if with_reference_names:
+    save_file(reference_names(trainable['plug']), os.path.join(out, REFERENCE_FILE))
+  return plug_config
+
+
+def load_export(path: str) -> tuple[dict[str, Any], dict]:
+  """(plug config, trainable params tree) of an export directory, with a clear error if broken."""
+  cfg_file, plug_file = os.path.join(path, CONFIG_FILE), os.path.join(path, PLUG_FILE)
+  if not os.path.exists(cfg_file) or not os.path.exists(plug_file):
+    raise FileNotFoundError(f'{path}: not a plug export (needs {CONFIG_FILE} and {PLUG_FILE}); '
+                            'make one with python -m pplug_jax.export --workdir DIR --out ' + path)
+  with open(cfg_file) as f:
+    plug_config = json.load(f)
+  if plug_config.get('format') != 'pplug_jax.plug/1':
+    raise ValueError(f'{cfg_file}: unknown format {plug_config.get("format")!r}.')
+  flat = load_file(plug_file)
+  tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+  if 'plug' not in tree:
+    raise ValueError(f'{plug_file}: holds no plug/ tensors.')
+  return plug_config, tree
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  cfg = export(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.reference_names)
+  print(json.dumps(cfg, indent=1))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'The training workdir.')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
+  flags.DEFINE_bool('reference_names', False, 'Also write the reference PyTorch names.')
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main)

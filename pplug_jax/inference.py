@@ -1,0 +1,122 @@
+"""Inference for new users and inputs from a base LLM, an encoder and an exported plug.
+
+    gen = PersonaPlugGenerator(llm_path, encoder_path, plug_dir)
+    gen.add_history('alice', ['item text', ...])            # no retraining needed
+    gen.generate(['input text'], user_ids=['alice'])         # or histories=[['item', ...]]
+
+Cold-start users (no history) work: their persona is zero and only the instruction token steers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pplug_jax import export, generation, partitioning, tokenizers
+from pplug_jax.data import lamp
+from pplug_jax.models import bert as bert_lib, hf_weights, plug as plug_lib, t5 as t5_lib
+from pplug_jax.models.text_encoder import TextEncoder
+from pplug_jax.system import System
+
+
+def _bucket(n: int, cap: int) -> int:
+  size = 8
+  while size < n:
+    size *= 2
+  return max(1, min(size, cap))
+
+
+class PersonaPlugGenerator:
+  """Personalised generation with a frozen FlanT5 and an exported plug."""
+
+  def __init__(self, llm_path: str, encoder_path: str, plug_path: str, dtype: str = 'float32',
+               num_beams: int | None = None, max_new_tokens: int | None = None):
+    self.plug_config, trainable = export.load_export(plug_path)
+    pc = self.plug_config
+    llm_config, llm_params = hf_weights.load_t5(llm_path, dtype=t5_lib.as_dtype(dtype))
+    if llm_config.d_model != pc['llm']['d_model']:
+      raise ValueError(f'{plug_path} was trained for d_model={pc["llm"]["d_model"]} '
+                       f'({pc["llm"]["name"]}); {llm_path} has d_model={llm_config.d_model}.')
+    d = pc['data']
+    self.encoder = TextEncoder(encoder_path, pc['encoder']['pooling'], pc['encoder']['normalize'],
+                               max_length=d['item_max_length'])
+    if self.encoder.dim != pc['encoder']['dim']:
+      raise ValueError(f'{plug_path} expects {pc["encoder"]["dim"]}-d encoder embeddings '
+                       f'({pc["encoder"]["name"]}); {encoder_path} gives {self.encoder.dim}.')
+    gen = dict(pc['generation'])
+    if num_beams is not None:
+      gen['num_beams'] = num_beams
+    if max_new_tokens is not None:
+      gen['max_new_tokens'] = max_new_tokens
+    self.config = ml_collections.ConfigDict({
+        'eval': gen, 'llm': {'tokenizer': pc['llm']['tokenizer'], 'path': llm_path}})
+    self.tokenizer = tokenizers.llm_tokenizer(self.config)
+    self.task = lamp.task_spec(pc['task'])
+    plug = plug_lib.PersonaPlug(self.encoder.dim, llm_config.d_model, pc['persona_scale'],
+                                pc['instruction_scale'])
+    query_encoder = None
+    if 'query_encoder' in trainable:
+      query_encoder = bert_lib.Bert(self.encoder.config)
+    mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
+    self.system = System(self.config, mesh, t5_lib.T5(llm_config), llm_params, plug,
+                         self.encoder.dim, query_encoder, trainable.get('query_encoder'))
+    self.trainable = jax.tree.map(jnp.asarray, trainable)
+    self.max_input_length = d['max_input_length']
+    self.max_history = d['max_history']
+    self.query_max_length = d['query_max_length']
+    self.histories: dict[str, np.ndarray] = {}
+
+    def fn(trainable, llm_params, batch):
+      embedded, mask = self.system.inputs(trainable, llm_params, batch)
+      _, weights = self.system.soft_tokens(trainable, batch)
+      return generation.decode_tokens(self.system, llm_params, embedded, mask), weights
+
+    self._generate = jax.jit(fn)
+
+  def add_history(self, user_id: str, texts: Sequence[str]) -> int:
+    """Embeds new history items (oldest first) for a user; returns the user's item count."""
+    new = self.encoder.encode(list(texts))
+    old = self.histories.get(user_id, np.zeros((0, self.encoder.dim), np.float32))
+    self.histories[user_id] = np.concatenate([old, new])[-self.max_history:]
+    return len(self.histories[user_id])
+
+  def generate(self, inputs: Sequence[str], user_ids: Sequence[str] | None = None,
+               histories: Sequence[Sequence[str]] | None = None,
+               return_weights: bool = False):
+    """Personalised outputs for a batch; each row's history is a stored user's or given texts."""
+    n = len(inputs)
+    if histories is not None:
+      hist = [self.encoder.encode(list(h)[-self.max_history:]) for h in histories]
+    elif user_ids is not None:
+      hist = [self.histories.get(u, np.zeros((0, self.encoder.dim), np.float32))
+              for u in user_ids]
+    else:
+      raise ValueError('Pass user_ids (after add_history) or histories (texts per input).')
+    if len(hist) != n:
+      raise ValueError(f'{n} inputs but {len(hist)} histories.')
+    h = _bucket(max([len(x) for x in hist] + [1]), self.max_history)
+    history = np.zeros((n, h, self.encoder.dim), np.float32)
+    history_mask = np.zeros((n, h), np.int32)
+    for i, x in enumerate(hist):
+      history[i, :len(x)] = x
+      history_mask[i, :len(x)] = 1
+    queries = [self.plug_config['encoder']['query_prefix'] + self.task.query(t) for t in inputs]
+    enc = self.tokenizer(list(inputs), truncation=True, max_length=self.max_input_length,
+                         padding='max_length', return_tensors='np')
+    qenc = self.encoder.tokenizer(queries, truncation=True, max_length=self.query_max_length,
+                                  padding='max_length', return_tensors='np')
+    batch = {'input_ids': enc['input_ids'].astype(np.int32),
+             'input_mask': enc['attention_mask'].astype(np.int32),
+             'query_embedding': self.encoder.encode(queries),
+             'query_encoder_ids': qenc['input_ids'].astype(np.int32),
+             'query_encoder_mask': qenc['attention_mask'].astype(np.int32),
+             'history': history, 'history_mask': history_mask}
+    tokens, weights = self._generate(self.trainable, self.system.llm_params,
+                                     {k: jnp.asarray(v) for k, v in batch.items()})
+    texts = [t.strip() for t in self.tokenizer.batch_decode(np.asarray(tokens),
+                                                            skip_special_tokens=True)]
+    return (texts, np.asarray(weights)) if return_weights else texts
