@@ -84,6 +84,7 @@ def pretrain_tiny_t5(config, out_dir: str) -> None:
 
   order = np.random.default_rng(config.seed)
   bs = 32
+  loss = float('nan')  # pretrain_steps=0 keeps the random initialisation
   for i in range(m.pretrain_steps):
     rows = order.integers(0, len(train), bs)
     params, opt, loss = step(params, opt, enc['input_ids'][rows], enc['attention_mask'][rows],

@@ -133,3 +133,23 @@ def test_synthetic_round_trip_is_deterministic_and_personal(tmp_path, task):
       assert max(counts, key=counts.get) == pref
   test = lamp.load_split(str(tmp_path / 'a'), task, 'test')
   assert all(e.output is None for e in test)
+
+
+def test_tfds_builder_reads_manual_dir(tmp_path):
+  import tensorflow_datasets as tfds
+  from pplug_jax.data import lamp_tfds
+  synthetic.generate(str(tmp_path / 'manual'), 'LaMP_2', users={'train': 6, 'dev': 4, 'test': 3},
+                     seed=0, empty_frac=0.3, long_frac=0.0, mean_items=3)
+  builder = lamp_tfds.Lamp(config='LaMP_2_user', data_dir=str(tmp_path / 'tfds'))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'manual')))
+  assert set(builder.info.splits.keys()) == {'train', 'dev', 'test'}
+  dev = list(builder.as_dataset(split='dev').as_numpy_iterator())
+  want = {e.id: e for e in lamp.load_split(str(tmp_path / 'manual'), 'LaMP_2', 'dev')}
+  assert {d['id'].decode() for d in dev} == set(want)
+  for d in dev:
+    e = want[d['id'].decode()]
+    assert d['output'].decode() == e.output and d['query'].decode() == e.query
+    assert [t.decode() for t in d['profile']['text']] == [i.text for i in e.profile]
+  test = list(builder.as_dataset(split='test').as_numpy_iterator())
+  assert len(test) == 3 and not any(t['has_output'] for t in test)
