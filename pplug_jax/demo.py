@@ -68,7 +68,9 @@ def pretrain_tiny_t5(config, out_dir: str) -> None:
   rng = jax.random.PRNGKey(config.seed)
   params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 4, m.d_model)), jnp.ones((1, 4)),
                                     jnp.zeros((1, 2), jnp.int32))['params'])
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, m.pretrain_lr, 20, m.pretrain_steps))
+  warmup = min(20, m.pretrain_steps // 2)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, m.pretrain_lr, warmup,
+                                                      max(m.pretrain_steps, warmup + 1)))
   opt = tx.init(params)
 
   def loss_fn(p, ids, mask, targets, tmask):
