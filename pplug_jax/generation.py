@@ -59,8 +59,8 @@ def generate_split(system: System, trainable: dict | None, records_dir: str, spl
     if i >= num_batches:
       break
     tokens, nll, weights = gen(trainable, system.llm_params, pipeline.to_global(batch, mesh, rules))
-    texts = tok.batch_decode(np.asarray(tokens), skip_special_tokens=True)
-    weights = np.asarray(weights)
+    texts = tok.batch_decode(pipeline.to_local(tokens, mesh, rules), skip_special_tokens=True)
+    weights = pipeline.to_local(weights, mesh, rules)
     n_tok = int((batch['target_mask'] * batch['valid'][:, None]).sum())
     nll_sum += float(nll) * n_tok
     nll_n += n_tok
@@ -75,11 +75,34 @@ def generate_split(system: System, trainable: dict | None, records_dir: str, spl
         explain[eid] = [{'item_id': batch['history_item_ids'][row, j].decode(),
                          'weight': float(weights[row, j])}
                         for j in top if weights[row, j] > 0]
+  if jax.process_count() > 1:  # every process ends with every example's prediction
+    preds, refs, explain = (_merge_across_processes(d) for d in (preds, refs, explain))
+    nll_sum, nll_n = (sum(_merge_across_processes({'v': x}, list_values=True)['v'])
+                      for x in (nll_sum, nll_n))
   seconds = time.time() - start
   logging.info('%s: %d examples in %.1fs (%.1f examples/s)', desc, len(preds), seconds,
                len(preds) / max(seconds, 1e-9))
   return {'predictions': preds, 'references': refs, 'nll': nll_sum / max(nll_n, 1),
           'explanations': explain, 'examples_per_second': len(preds) / max(seconds, 1e-9)}
+
+
+def _merge_across_processes(local: dict, list_values: bool = False) -> dict:
+  """Gathers a JSON-able dict from every process (all-gather of padded UTF-8 bytes)."""
+  import json
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(local).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([blob.size], np.int64)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  parts = multihost_utils.process_allgather(padded)
+  merged: dict = {}
+  for part, size in zip(parts.reshape(len(sizes), -1), sizes):
+    for k, v in json.loads(part[:size].tobytes().decode()).items():
+      if list_values:
+        merged.setdefault(k, []).append(v)
+      else:
+        merged[k] = v
+  return merged
 
 
 def score(task: str, out: dict[str, Any]) -> dict[str, float]:

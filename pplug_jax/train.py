@@ -11,6 +11,7 @@ metric is kept in DIR/best.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import math
 import os
 import time
@@ -247,8 +248,16 @@ def _print_demo_table(result: dict, metric: str) -> None:
   print('\n'.join(lines), flush=True)
 
 
+class _QuietOrbax(logging_std.Filter):
+  """Keeps orbax's per-save INFO lines out of the console; its warnings still show."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   flags_ = flags.FLAGS
   os.makedirs(flags_.workdir, exist_ok=True)
   train_and_evaluate(flags_.config, flags_.workdir)

@@ -172,3 +172,51 @@ def test_train_step_on_8_devices_equals_single_device(tiny_t5):
   from multidevice_util import run_on_8_devices
   out = run_on_8_devices('sharded_train_step.py', tiny_t5['v1.1'][0])
   assert set(out) == {'(2, 4)', '(8, 1)'}
+
+
+def test_finetune_mode_trains_the_input_encoder_too(tiny_t5, tiny_bert):
+  """encoder.mode=finetune: the Flax BERT embeds the query ids and gets updated; LLM frozen."""
+  config = lamp_config.get_config('demo')
+  config.llm.path = tiny_t5['v1.1'][0]
+  config.encoder.path = tiny_bert[0]
+  config.encoder.mode = 'finetune'
+  config.encoder.pooling = 'cls'
+  mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
+  dim = 32
+  system = system_lib.load_system(config, dim, mesh)
+  trainable = system.init_trainable(0)
+  assert set(trainable) == {'plug', 'query_encoder'}
+  rng = np.random.RandomState(0)
+  b = {k: np.asarray(v) for k, v in _batch().items()}
+  b['history'] = rng.normal(size=(4, 5, dim)).astype(np.float32)
+  b['query_encoder_ids'] = rng.randint(1, 120, (4, 6)).astype(np.int32)
+  b['query_encoder_mask'] = np.ones((4, 6), np.int32)
+  batch = {k: jnp.asarray(v)[None] for k, v in b.items()}
+  tx, _ = system_lib.build_optimizer(config, 10)
+  state = {'step': jnp.int32(0), 'params': trainable, 'opt_state': tx.init(trainable)}
+  before = jax.tree.map(np.array, trainable)
+  llm_before = jax.tree.map(np.array, system.llm_params)
+  step = jax.jit(system_lib.make_train_step(system, tx))
+  for _ in range(2):  # the schedule's first learning rate is 0 (warm-up)
+    state, metrics = step(state, system.llm_params, batch)
+  assert np.isfinite(float(metrics['loss']))
+  moved = jax.tree.map(lambda a, c: bool(np.any(a != np.asarray(c))), before['query_encoder'],
+                       state['params']['query_encoder'])
+  assert moved['layers_0']['query']['kernel'] and moved['word_embeddings']['embedding']
+  jax.tree.map(np.testing.assert_array_equal, llm_before, jax.tree.map(np.array,
+                                                                         system.llm_params))
+  # the query embedding really comes from the encoder, not from the precomputed field
+  b2 = dict(batch)
+  b2['query_embedding'] = batch['query_embedding'] * 0 + 7.0
+  one = jax.tree.map(lambda x: x[0], batch)
+  two = jax.tree.map(lambda x: x[0], b2)
+  np.testing.assert_array_equal(np.asarray(system.soft_tokens(trainable, one)[0]),
+                                np.asarray(system.soft_tokens(trainable, two)[0]))
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+  from pplug_jax import train
+  train._check_finite(1.5, 3)
+  for bad in (float('nan'), float('inf')):
+    with pytest.raises(SystemExit, match='loss is (nan|inf) at step 7'):
+      train._check_finite(bad, 7)

@@ -182,3 +182,13 @@ def to_global(batch: Batch, mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Arr
     sharding = partitioning.batch_sharding(mesh, rules, v.ndim)
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+def to_local(x: jax.Array, mesh: jax.sharding.Mesh, rules) -> np.ndarray:
+  """A batch-sharded global output -> this process's rows, in its local batch order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  from pplug_jax import partitioning
+  spec = partitioning.batch_sharding(mesh, rules, x.ndim).spec
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
