@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from pplug_jax import decoding, partitioning
 from pplug_jax.models import bert as bert_lib
@@ -151,4 +150,5 @@ def accum_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
 
 
 def replicated_like(tree, mesh: Mesh):
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+  """A replicated sharding for every leaf (the plug and its optimizer state are small)."""
+  return jax.tree.map(lambda _: partitioning.replicated(mesh), tree)

@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -126,7 +126,7 @@ def test_evaluate_writes_every_id_once_with_a_ragged_last_batch(demo_run):
 
 def test_export_then_inference_api_reproduces_the_checkpoint(demo_run, tmp_path):
   from safetensors.numpy import load_file
-  from pplug_jax import checkpoints, export
+  from pplug_jax import checkpoints
   from pplug_jax.data import lamp
   from pplug_jax.inference import PersonaPlugGenerator
   workdir, _, _ = demo_run

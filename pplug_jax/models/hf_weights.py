@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -384,8 +384,3 @@ def load_tokenizer(path: str):
   """The Hugging Face tokenizer saved in the same directory."""
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(path)
-
-
-def iter_param_paths(params: Params) -> Iterable[str]:
-  for path in traverse_util.flatten_dict(params):
-    yield '/'.join(path)
