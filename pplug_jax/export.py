@@ -37,11 +37,11 @@ def _flat(tree: dict) -> dict[str, np.ndarray]:
 def reference_names(plug_params: dict) -> dict[str, np.ndarray]:
   """The reference implementation's parameter names; torch Linear weights are [out, in]."""
   out = {'inst_token': np.asarray(plug_params['inst_token'], np.float32)}
-  for ours, theirs in (('align_mlp', 'align_mlp'), ('align_mlp_inst', 'align_mlp_inst')):
+  for mlp in ('align_mlp', 'align_mlp_inst'):  # same module names; nn.Sequential indices
     for fc, idx in (('fc1', 0), ('fc2', 2)):
-      out[f'{theirs}.{idx}.weight'] = np.ascontiguousarray(plug_params[ours][fc]['kernel'].T,
-                                                           np.float32)
-      out[f'{theirs}.{idx}.bias'] = np.asarray(plug_params[ours][fc]['bias'], np.float32)
+      out[f'{mlp}.{idx}.weight'] = np.ascontiguousarray(plug_params[mlp][fc]['kernel'].T,
+                                                        np.float32)
+      out[f'{mlp}.{idx}.bias'] = np.asarray(plug_params[mlp][fc]['bias'], np.float32)
   return out
 
 

@@ -130,7 +130,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                   batch_sharding),
                     out_shardings=(state_sharding, None), donate_argnums=(0,))
   abstract_batch = {k: jax.ShapeDtypeStruct(
-      (accum, micro) + s, jnp.float32 if k in ('history', 'query_embedding') else jnp.int32,
+      (accum, micro) + s, jnp.float32 if pipeline.is_float(k) else jnp.int32,
       sharding=batch_sharding[k]) for k, s in batch_shapes.items()}
   compiled = step_fn.lower(state, system.llm_params, abstract_batch).compile()
   mem = compiled.memory_analysis()

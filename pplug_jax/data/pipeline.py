@@ -29,6 +29,14 @@ def _process_files(files: list[str], process_index: int, process_count: int,
   return files[process_index::process_count]
 
 
+FLOAT_FEATURES = ('history', 'query_embedding')
+
+
+def is_float(feature: str) -> bool:
+  """Float32 features of a batch; the rest are int32."""
+  return feature in FLOAT_FEATURES
+
+
 def shapes(config, dim: int) -> dict[str, tuple[int, ...]]:
   d = config.data
   return {
@@ -162,7 +170,7 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
   ds = _parsed(mine, meta).map(lambda ex: pad_example(ex, config, with_item_ids=True))
   filler = num_batches * local_batch_size - per_process[pi]
   dim = meta['fingerprint']['dim']
-  blank = {k: tf.zeros(s, tf.float32 if k in ('history', 'query_embedding') else tf.int32)
+  blank = {k: tf.zeros(s, tf.float32 if is_float(k) else tf.int32)
            for k, s in shapes(config, dim).items()}
   blank['id'] = tf.constant(b'')
   blank['target_text'] = tf.constant(b'')

@@ -266,13 +266,15 @@ def bert_abstract_params(config: bert_lib.BertConfig, boxed: bool = True) -> Par
                           jnp.ones((1, 1), jnp.int32), boxed=boxed)
 
 
-def load_t5_config(path: str, dtype: Any = jnp.float32, **config_overrides) -> t5_lib.T5Config:
+def load_t5_config(path: str, dtype: Any = jnp.float32, ckpt: SafetensorsDir | None = None,
+                   **config_overrides) -> t5_lib.T5Config:
   """The T5Config of a Hugging Face T5 directory; a separate lm_head.weight means untied."""
+  ckpt = ckpt or SafetensorsDir(path)
   hf = read_hf_config(path)
   if hf.get('model_type') not in (None, 't5'):
     raise CheckpointError(f'{path}/config.json: model_type={hf.get("model_type")!r}, not t5.')
   overrides = dict(param_dtype=dtype, **config_overrides)
-  overrides['tie_word_embeddings'] = 'lm_head.weight' not in SafetensorsDir(path)
+  overrides['tie_word_embeddings'] = 'lm_head.weight' not in ckpt
   return t5_lib.T5Config.from_hf(hf, **overrides)
 
 
@@ -289,7 +291,7 @@ def load_t5(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | 
   `config_overrides` set T5Config fields (compute `dtype` is set with dataclasses.replace).
   """
   ckpt = SafetensorsDir(path)
-  config = load_t5_config(path, dtype, **config_overrides)
+  config = load_t5_config(path, dtype, ckpt, **config_overrides)
   boxed = t5_abstract_params(config)
   mapping = {k: [v] for k, v in _t5_mapping(config).items()}
   if config.scan_layers:
