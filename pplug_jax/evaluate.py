@@ -14,11 +14,13 @@ import os
 from typing import Any
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from pplug_jax import checkpoints, generation, partitioning, precompute, system as system_lib
+from pplug_jax import (checkpoints, cli, generation, partitioning, precompute,
+                       system as system_lib)
 from pplug_jax.data import lamp, records
+from pplug_jax.errors import RecordsError
 
 
 def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> dict[str, Any]:
@@ -27,7 +29,7 @@ def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> d
   rdir = precompute.records_dir(config, workdir)
   meta = records.read_metadata(rdir)
   if split not in meta['splits']:
-    raise ValueError(f'{rdir}: no {split} records; precompute found {sorted(meta["splits"])}.')
+    raise RecordsError(f'{rdir}: no {split} records; precompute found {sorted(meta["splits"])}.')
   mesh = partitioning.make_mesh(config.mesh_shape)
   system = system_lib.load_system(config, meta['fingerprint']['dim'], mesh)
   trainable = jax.device_put(trainable, system_lib.replicated_like(trainable, mesh))
@@ -72,4 +74,4 @@ if __name__ == '__main__':
   flags.DEFINE_enum('split', 'dev', ['train', 'dev', 'test'], 'Split to generate for.')
   flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run(main)

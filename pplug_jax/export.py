@@ -16,12 +16,13 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from pplug_jax import checkpoints, precompute
+from pplug_jax import checkpoints, cli, precompute
 from pplug_jax.data import records
+from pplug_jax.errors import UserError
 from pplug_jax.models import hf_weights, plug as plug_lib
 
 PLUG_FILE = 'plug.safetensors'
@@ -90,6 +91,9 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
     json.dump(plug_config, f, indent=1)
   if with_reference_names:
     save_file(reference_names(trainable['plug']), os.path.join(out, REFERENCE_FILE))
+  for name in (PLUG_FILE, CONFIG_FILE, REFERENCE_FILE):
+    if os.path.exists(os.path.join(out, name)):
+      os.chmod(os.path.join(out, name), 0o644)  # safetensors writes 0600; exports are shared
   return plug_config
 
 
@@ -97,16 +101,18 @@ def load_export(path: str) -> tuple[dict[str, Any], dict]:
   """(plug config, trainable params tree) of an export directory, with a clear error if broken."""
   cfg_file, plug_file = os.path.join(path, CONFIG_FILE), os.path.join(path, PLUG_FILE)
   if not os.path.exists(cfg_file) or not os.path.exists(plug_file):
-    raise FileNotFoundError(f'{path}: not a plug export (needs {CONFIG_FILE} and {PLUG_FILE}); '
+    raise UserError(f'{path}: not a plug export (needs {CONFIG_FILE} and {PLUG_FILE}); '
                             'make one with python -m pplug_jax.export --workdir DIR --out ' + path)
   with open(cfg_file) as f:
     plug_config = json.load(f)
   if plug_config.get('format') != 'pplug_jax.plug/1':
-    raise ValueError(f'{cfg_file}: unknown format {plug_config.get("format")!r}.')
+    raise UserError(f'{cfg_file}: unknown format {plug_config.get("format")!r}; re-export it '
+                    'with python -m pplug_jax.export.')
   flat = load_file(plug_file)
   tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
   if 'plug' not in tree:
-    raise ValueError(f'{plug_file}: holds no plug/ tensors.')
+    raise UserError(f'{plug_file}: holds no plug/ tensors; re-export it with '
+                    'python -m pplug_jax.export.')
   return plug_config, tree
 
 
@@ -125,4 +131,4 @@ if __name__ == '__main__':
   flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
   flags.DEFINE_bool('reference_names', False, 'Also write the reference PyTorch names.')
   flags.mark_flags_as_required(['workdir', 'out'])
-  app.run(main)
+  cli.run(main)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -21,6 +22,18 @@ from pplug_jax.data import lamp
 from pplug_jax.models import bert as bert_lib, hf_weights, plug as plug_lib, t5 as t5_lib
 from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.system import System
+
+
+def _texts(value, name: str) -> list[str]:
+  """A list of texts; a lone str is a TypeError (iterating it would give characters)."""
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f'{name} must be a list of texts, not a {type(value).__name__}: wrap a '
+                    'single text in a list.')
+  value = list(value)
+  bad = [type(v).__name__ for v in value if not isinstance(v, str)]
+  if bad:
+    raise TypeError(f'{name} must hold texts (str); found {bad[0]}.')
+  return value
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -79,25 +92,47 @@ class PersonaPlugGenerator:
 
   def add_history(self, user_id: str, texts: Sequence[str]) -> int:
     """Embeds new history items (oldest first) for a user; returns the user's item count."""
-    new = self.encoder.encode(list(texts))
+    new = self.encoder.encode(_texts(texts, f'add_history({user_id!r}, texts)'))
     old = self.histories.get(user_id, np.zeros((0, self.encoder.dim), np.float32))
     self.histories[user_id] = np.concatenate([old, new])[-self.max_history:]
     return len(self.histories[user_id])
 
   def generate(self, inputs: Sequence[str], user_ids: Sequence[str] | None = None,
                histories: Sequence[Sequence[str]] | None = None,
-               return_weights: bool = False):
-    """Personalised outputs for a batch; each row's history is a stored user's or given texts."""
+               return_weights: bool = False, on_unknown_user: str = 'raise'):
+    """Personalised outputs for a batch; each row's history is a stored user's or given texts.
+
+    A user id never given to add_history is an error (on_unknown_user='raise'), or is warned
+    about and served as a cold-start user with no history (on_unknown_user='warn').
+    """
+    inputs = _texts(inputs, 'inputs')
+    if on_unknown_user not in ('raise', 'warn'):
+      raise ValueError(f"on_unknown_user={on_unknown_user!r}: use 'raise' or 'warn'.")
     n = len(inputs)
     if histories is not None:
-      hist = [self.encoder.encode(list(h)[-self.max_history:]) for h in histories]
+      if isinstance(histories, str):
+        raise TypeError('histories must be a list with one list of texts per input, not a str.')
+      hist = [self.encoder.encode(_texts(h, f'histories[{i}]')[-self.max_history:])
+              for i, h in enumerate(histories)]
     elif user_ids is not None:
+      if isinstance(user_ids, str):
+        raise TypeError('user_ids must be a list with one id per input, not a str.')
+      unknown = sorted({u for u in user_ids if u not in self.histories})
+      if unknown and on_unknown_user == 'raise':
+        raise KeyError(f'unknown user ids {unknown[:5]} ({len(unknown)} in all): call '
+                       "add_history first, or pass on_unknown_user='warn' to serve them with no "
+                       'history.')
+      if unknown:
+        logging.warning('%d unknown user ids (e.g. %s) get no history (cold start).',
+                        len(unknown), unknown[:3])
       hist = [self.histories.get(u, np.zeros((0, self.encoder.dim), np.float32))
               for u in user_ids]
     else:
       raise ValueError('Pass user_ids (after add_history) or histories (texts per input).')
     if len(hist) != n:
       raise ValueError(f'{n} inputs but {len(hist)} histories.')
+    if n == 0:
+      return ([], np.zeros((0, 0), np.float32)) if return_weights else []
     h = _bucket(max([len(x) for x in hist] + [1]), self.max_history)
     history = np.zeros((n, h, self.encoder.dim), np.float32)
     history_mask = np.zeros((n, h), np.int32)

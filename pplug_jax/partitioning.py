@@ -11,6 +11,8 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pplug_jax.errors import ConfigError
+
 MESH_AXES = ('data', 'model')
 
 # T5X's standard rules: batch over data, the wide dims over model, embed replicated.
@@ -33,23 +35,31 @@ STANDARD_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
+                       axis_names: Sequence[str] = MESH_AXES) -> tuple[int, ...]:
+  """config.mesh_shape with its -1 entry (if any) filled in; a ConfigError if it cannot fit."""
+  shape = list(shape)
+  if len(shape) != len(axis_names):
+    raise ConfigError(f'config.mesh_shape={tuple(shape)} needs one entry per axis {axis_names}.')
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f'config.mesh_shape={tuple(shape)}: use positive sizes and at most one -1.')
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ConfigError(f'config.mesh_shape={tuple(shape)} does not divide {num_devices} '
+                        'devices.')
+    shape[shape.index(-1)] = num_devices // known
+  if int(np.prod(shape)) != num_devices:
+    raise ConfigError(f'config.mesh_shape={tuple(shape)} needs {int(np.prod(shape))} devices; '
+                      f'{num_devices} are visible. Set config.mesh_shape, e.g. (-1, 1).')
+  return tuple(shape)
+
+
 def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh of `shape` over all devices; one entry may be -1 for 'all remaining devices'."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = list(shape)
-  if len(shape) != len(axis_names):
-    raise ValueError(f'config.mesh_shape={tuple(shape)} needs one entry per axis {axis_names}.')
-  if shape.count(-1) > 1:
-    raise ValueError(f'config.mesh_shape={tuple(shape)}: at most one entry may be -1.')
-  known = int(np.prod([s for s in shape if s != -1]))
-  if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f'config.mesh_shape={tuple(shape)} does not divide {len(devices)} devices.')
-    shape[shape.index(-1)] = len(devices) // known
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f'config.mesh_shape={tuple(shape)} needs {int(np.prod(shape))} devices; '
-                     f'{len(devices)} are visible. Set config.mesh_shape, e.g. (-1, 1).')
+  shape = resolve_mesh_shape(shape, len(devices), axis_names)
   try:
     from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices)
@@ -75,11 +85,39 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> N
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() on multi-host TPU VMs / clusters; a no-op on one host."""
-  multi = (os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0 or
-           'JAX_COORDINATOR_ADDRESS' in os.environ or 'SLURM_NTASKS' in os.environ and
-           int(os.environ.get('SLURM_NTASKS', '1')) > 1)
-  if multi:
+  """Joins a multi-process JAX job when there is one; a no-op on a single host.
+
+  - `PPLUG_COORDINATOR_ADDRESS`, `PPLUG_NUM_PROCESSES`, `PPLUG_PROCESS_ID`: set by
+    scripts/local_multihost.sh (or by hand); CPU processes then use gloo collectives.
+  - Multi-host TPU VMs (`TPU_WORKER_HOSTNAMES` names several hosts), `JAX_COORDINATOR_ADDRESS`,
+    or SLURM with several tasks: `jax.distributed.initialize()` finds the rest itself.
+  """
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if env.get('PPLUG_COORDINATOR_ADDRESS'):
+    if env.get('JAX_PLATFORMS', '').startswith('cpu'):
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(env['PPLUG_COORDINATOR_ADDRESS'],
+                               int(env.get('PPLUG_NUM_PROCESSES', '1')),
+                               int(env.get('PPLUG_PROCESS_ID', '0')))
+  elif ((env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0) or
+        ('JAX_COORDINATOR_ADDRESS' in env) or
+        (int(env.get('SLURM_NTASKS', '1')) > 1)):
     jax.distributed.initialize()
-    logging.info('jax.distributed initialised: process %d of %d', jax.process_index(),
-                 jax.process_count())
+  else:
+    return
+  logging.info('jax.distributed initialised: process %d of %d', jax.process_index(),
+               jax.process_count())
+
+
+def is_main_process() -> bool:
+  """Process 0 writes the files every process shares (config, records metadata, results)."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -18,24 +18,21 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from pplug_jax import tokenizers
+from pplug_jax import cli, tokenizers
 from pplug_jax.data import lamp, records
+from pplug_jax.errors import ConfigError, RecordsError
+from pplug_jax.models import hf_weights
 from pplug_jax.models.text_encoder import TextEncoder
-
-FINGERPRINT_KEYS = ('task', 'split_type', 'encoder_name', 'encoder_path', 'pooling', 'normalize',
-                    'dim', 'embedding_dtype', 'encoder_dtype', 'query_prefix', 'llm_tokenizer',
-                    'encoder_tokenizer', 'max_input_length', 'max_target_length', 'max_history',
-                    'item_max_length', 'query_max_length', 'num_shards')
 
 
 def records_dir(config, workdir: str = '') -> str:
   if config.data.records_dir:
     return config.data.records_dir
   if not workdir:
-    raise ValueError('config.data.records_dir is empty and no --workdir was given.')
+    raise ConfigError('config.data.records_dir is empty and no --workdir was given.')
   return os.path.join(workdir, 'records')
 
 
@@ -49,18 +46,70 @@ def _file_hash(paths: list[str | None]) -> str:
   return h.hexdigest()
 
 
-def _check_fingerprint(out_dir: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
-  """Existing metadata must describe the same encoder/tokenizer/lengths; returns it (or {})."""
+def fingerprint(config) -> dict[str, Any]:
+  """What the records depend on besides the input files, read without loading any weights.
+
+  Without config.encoder.path (training from finished records alone) the encoder's directory,
+  dimension and tokenizer are left out: they cannot be checked.
+  """
+  spec = lamp.task_spec(config.task)
+  fp = dict(
+      task=spec.name, split_type=config.split_type, encoder_name=config.encoder.name,
+      pooling=config.encoder.pooling, normalize=bool(config.encoder.normalize),
+      embedding_dtype=config.data.embedding_dtype, encoder_dtype=config.encoder.dtype,
+      query_prefix=config.encoder.query_prefix,
+      llm_tokenizer=tokenizers.tokenizer_name(tokenizers.llm_tokenizer(config)),
+      max_input_length=config.data.max_input_length,
+      max_target_length=config.data.max_target_length, max_history=config.data.max_history,
+      item_max_length=config.data.item_max_length,
+      query_max_length=config.data.query_max_length, num_shards=config.data.num_shards)
+  if config.encoder.path:
+    fp.update(encoder_path=os.path.abspath(config.encoder.path),
+              dim=int(hf_weights.read_hf_config(config.encoder.path)['hidden_size']),
+              encoder_tokenizer=tokenizers.tokenizer_name(
+                  tokenizers.load_tokenizer(config.encoder.path)))
+  return fp
+
+
+_HOW_TO_PROCEED = ('Use a new config.data.records_dir, or pass --config.data.rebuild_records=True '
+                   'to delete these records and make them again.')
+
+
+def verify_records(config, out_dir: str, current: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The records' metadata, if they were made from these settings and input files; else raises.
+
+  Returns {} when `out_dir` holds no records yet.
+  """
   if not os.path.exists(os.path.join(out_dir, records.METADATA)):
     return {}
   meta = records.read_metadata(out_dir)
+  current = fingerprint(config) if current is None else current
   old = meta.get('fingerprint', {})
-  diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
-  if diff:
-    raise ValueError(f'{out_dir}: records were made with different settings '
-                     f'{ {k: f"{a!r} -> {b!r}" for k, (a, b) in diff.items()} }. '
-                     'Use a new config.data.records_dir (or delete the old one).')
+  changed = {k: (old.get(k), v) for k, v in current.items() if old.get(k) != v}
+  if changed:
+    what = '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items()))
+    raise RecordsError(f'{out_dir}: these records were made with other settings ({what}). '
+                       + _HOW_TO_PROCEED)
+  if config.data.lamp_dir:
+    root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
+    for split, info in meta.get('splits', {}).items():
+      try:
+        files = lamp.split_files(root, split)
+      except lamp.LampError:
+        continue  # a split no longer there is simply not used
+      if _file_hash(list(files)) != info['sha256']:
+        raise RecordsError(f'{out_dir}: the {split} records were made from other input files '
+                           f'({files[0]} or its outputs file changed since). ' + _HOW_TO_PROCEED)
   return meta
+
+
+def delete_records(out_dir: str) -> int:
+  """Removes the records pplug_jax wrote in `out_dir` (shards and metadata); returns the count."""
+  names = [n for n in os.listdir(out_dir)
+           if n == records.METADATA or n.startswith(tuple(f'{s}.tfrecord-' for s in lamp.SPLITS))]
+  for n in names:
+    os.remove(os.path.join(out_dir, n))
+  return len(names)
 
 
 def _history(example: lamp.Example, max_history: int):
@@ -69,19 +118,24 @@ def _history(example: lamp.Example, max_history: int):
 
 def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config,
                   stats: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Embeddings of the shard's unique history items (by id) and of its queries."""
-  texts: dict[str, str] = {}
+  """Embeddings of the shard's unique history texts, keyed by text, and of its queries.
+
+  Items are keyed by their text, not their id: ids need only be unique within a user (other
+  datasets number each user's items from 0), and the same text has the same embedding anyway.
+  """
+  texts: dict[str, None] = {}
+  first_text: dict[str, str] = {}
   for ex in examples:
     for item in _history(ex, config.data.max_history):
-      if item.id in texts and texts[item.id] != item.text:
-        stats['conflicting_item_ids'] += 1  # same id, other text: the first text is kept
-      texts.setdefault(item.id, item.text)
-  ids = list(texts)
-  item_emb = encoder.encode([texts[i] for i in ids], progress='history items')
+      if first_text.setdefault(item.id, item.text) != item.text:
+        stats['item_ids_reused_with_other_text'] += 1
+      texts.setdefault(item.text)
+  unique = list(texts)
+  item_emb = encoder.encode(unique, progress='history items')
   queries = [config.encoder.query_prefix + ex.query for ex in examples]
   query_emb = encoder.encode(queries, progress='queries')
-  stats['items_encoded'] += len(ids) + len(queries)
-  return dict(zip(ids, item_emb)), query_emb
+  stats['items_encoded'] += len(unique) + len(queries)
+  return dict(zip(unique, item_emb)), query_emb
 
 
 def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict[str, Any]:
@@ -91,27 +145,20 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
   os.makedirs(out_dir, exist_ok=True)
   root = lamp.task_dir(config.data.lamp_dir, spec.name, config.split_type)
   if not config.data.lamp_dir or not os.path.isdir(root):
-    raise ValueError(f'config.data.lamp_dir={config.data.lamp_dir!r}: no {root}. Download '
-                     f'LaMP ({spec.name}) and point config.data.lamp_dir at the folder holding '
-                     f'{os.path.basename(root)}/.')
+    raise lamp.LampError(f'config.data.lamp_dir={config.data.lamp_dir!r}: no {root}. Download '
+                         f'LaMP ({spec.name}) and point config.data.lamp_dir at the folder '
+                         f'holding {os.path.basename(root)}/.')
   encoder = TextEncoder(config.encoder.path, config.encoder.pooling, config.encoder.normalize,
                         config.encoder.dtype, config.encoder.batch_size,
                         config.data.item_max_length)
   llm_tok = tokenizers.llm_tokenizer(config)
-  fingerprint = dict(
-      task=spec.name, split_type=config.split_type, encoder_name=config.encoder.name,
-      encoder_path=os.path.abspath(config.encoder.path), pooling=encoder.config.pooling,
-      normalize=encoder.config.normalize, dim=encoder.dim,
-      embedding_dtype=config.data.embedding_dtype, encoder_dtype=config.encoder.dtype,
-      query_prefix=config.encoder.query_prefix, llm_tokenizer=tokenizers.tokenizer_name(llm_tok),
-      encoder_tokenizer=tokenizers.tokenizer_name(encoder.tokenizer),
-      max_input_length=config.data.max_input_length,
-      max_target_length=config.data.max_target_length, max_history=config.data.max_history,
-      item_max_length=config.data.item_max_length,
-      query_max_length=config.data.query_max_length, num_shards=config.data.num_shards)
-  meta = _check_fingerprint(out_dir, fingerprint) or {'fingerprint': fingerprint, 'splits': {}}
+  current = fingerprint(config)
+  if current['dim'] != encoder.dim:  # read from config.json, then from the loaded weights
+    raise RecordsError(f'{config.encoder.path}: config.json says hidden_size {current["dim"]}, '
+                       f'the weights give {encoder.dim}.')
+  meta = verify_records(config, out_dir, current) or {'fingerprint': current, 'splits': {}}
   records.write_metadata(out_dir, meta)
-  stats = {'items_encoded': 0, 'conflicting_item_ids': 0}
+  stats = {'items_encoded': 0, 'item_ids_reused_with_other_text': 0}
   shards_done = 0
   start = time.time()
   for split in lamp.SPLITS:
@@ -122,10 +169,6 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
       continue
     examples = lamp.load_split(config.data.lamp_dir, spec.name, split, config.split_type)
     digest = _file_hash([qfile, ofile])
-    old = meta['splits'].get(split)
-    if old and old['sha256'] != digest:
-      raise ValueError(f'{out_dir}: {split} records were made from other input files '
-                       f'({qfile} changed). Use a new config.data.records_dir.')
     n = config.data.num_shards
     parts = np.array_split(np.arange(len(examples)), n)
     meta['splits'][split] = {
@@ -145,7 +188,7 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
       with tf.io.TFRecordWriter(path + '.tmp') as w:
         for ex, q_emb in zip(shard_examples, query_emb):
           hist = _history(ex, config.data.max_history)
-          h_emb = (np.stack([item_emb[i.id] for i in hist]) if hist else
+          h_emb = (np.stack([item_emb[i.text] for i in hist]) if hist else
                    np.zeros((0, encoder.dim), np.float32))
           w.write(records.serialize_example(
               example_id=ex.id,
@@ -167,9 +210,10 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
   elapsed = time.time() - start
   meta['stats'] = dict(stats, seconds=round(elapsed, 2),
                        items_per_second=round(stats['items_encoded'] / max(elapsed, 1e-9), 1))
-  if stats['conflicting_item_ids']:
-    logging.warning('%d profile items reuse an id with different text; the first text was kept.',
-                    stats['conflicting_item_ids'])
+  if stats['item_ids_reused_with_other_text']:
+    logging.info('%d profile items reuse another item\'s id with other text; items are keyed by '
+                 'their text, so each keeps its own embedding.',
+                 stats['item_ids_reused_with_other_text'])
   records.write_metadata(out_dir, meta)
   return meta
 
@@ -185,4 +229,4 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
   flags.DEFINE_string('workdir', '', 'Records go to <workdir>/records unless '
                       'config.data.records_dir is set.')
-  app.run(main)
+  cli.run(main)

@@ -4,6 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
+from pplug_jax.errors import UserError
+
+_SAMPLE = 'The quick brown fox jumps over the lazy dog, and then it reads a book about movies.'
+
+
+def check_tokenizer(tok: Any, path: str) -> Any:
+  """Refuses a tokenizer that maps plain English mostly to <unk> (its files are missing)."""
+  unk = getattr(tok, 'unk_token_id', None)
+  if unk is None:
+    return tok
+  ids = tok(_SAMPLE, add_special_tokens=False)['input_ids']
+  if not ids or sum(i == unk for i in ids) / len(ids) > 0.25:
+    raise UserError(f'{path}: its tokenizer maps plain English to <unk> ({ids[:12]}...): the '
+                    'tokenizer files are missing (tokenizer.json, spiece.model or vocab.txt, '
+                    'with tokenizer_config.json). Download them from the same Hugging Face '
+                    'model into this directory.')
+  return tok
+
+
+def load_tokenizer(path: str) -> Any:
+  """The Hugging Face tokenizer saved in a model directory, checked to be a real one."""
+  from transformers import AutoTokenizer
+  return check_tokenizer(AutoTokenizer.from_pretrained(path), path)
+
 
 def llm_tokenizer(config) -> Any:
   """config.llm.tokenizer: 'byte' (ByT5 bytes, needs no files) or a directory; '' = llm.path."""
@@ -12,19 +36,17 @@ def llm_tokenizer(config) -> Any:
     from transformers import ByT5Tokenizer
     return ByT5Tokenizer(extra_ids=0)
   if not name:
-    raise ValueError('config.llm.path is empty: download FlanT5 (e.g. google/flan-t5-xxl) as a '
+    raise UserError('config.llm.path is empty: download FlanT5 (e.g. google/flan-t5-xxl) as a '
                      'Hugging Face directory and set --config.llm.path=DIR.')
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(name)
+  return load_tokenizer(name)
 
 
 def encoder_tokenizer(config) -> Any:
   if not config.encoder.path:
-    raise ValueError('config.encoder.path is empty: download the encoder (e.g. '
+    raise UserError('config.encoder.path is empty: download the encoder (e.g. '
                      'BAAI/bge-base-en-v1.5) as a Hugging Face directory and set '
                      '--config.encoder.path=DIR.')
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(config.encoder.path)
+  return load_tokenizer(config.encoder.path)
 
 
 def tokenizer_name(tok: Any) -> str:

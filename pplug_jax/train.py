@@ -10,8 +10,8 @@ metric is kept in DIR/best.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging as logging_std
 import math
 import os
 import time
@@ -20,14 +20,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from pplug_jax import checkpoints, generation, partitioning, precompute, system as system_lib
+from pplug_jax import (checkpoints, cli, generation, partitioning, precompute, system as system_lib,
+                       validation)
 from pplug_jax.data import lamp, pipeline, records
+from pplug_jax.errors import ConfigError, RecordsError
 from pplug_jax.models import plug as plug_lib
+from pplug_jax.workdir_lock import WorkdirLock
 
 
 def check_inputs(config, workdir: str) -> str:
@@ -35,20 +38,21 @@ def check_inputs(config, workdir: str) -> str:
   rdir = precompute.records_dir(config, workdir)
   have_records = os.path.exists(os.path.join(rdir, records.METADATA))
   problems = []
+  files = 'config.json, model.safetensors and the tokenizer files'
   if not config.llm.path or not os.path.isdir(config.llm.path):
     problems.append(f'config.llm.path={config.llm.path!r}: download {config.llm.name} as a '
-                    'Hugging Face directory (config.json + model.safetensors) and set it.')
+                    f'Hugging Face directory ({files}) and set it.')
   if not have_records or config.encoder.mode == 'finetune':
     if not config.encoder.path or not os.path.isdir(config.encoder.path):
       problems.append(f'config.encoder.path={config.encoder.path!r}: download '
-                      f'{config.encoder.name} and set it.')
+                      f'{config.encoder.name} ({files}) and set it.')
   if not have_records and not (config.data.lamp_dir and os.path.isdir(config.data.lamp_dir)):
     problems.append(f'config.data.lamp_dir={config.data.lamp_dir!r}: download LaMP '
                     f'({config.task}) and set it, or set config.data.records_dir to records '
                     'made by pplug_jax.precompute.')
   if problems:
-    raise SystemExit('Cannot start training:\n  ' + '\n  '.join(problems) +
-                     '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo')
+    raise ConfigError('cannot start training:\n  ' + '\n  '.join(problems) +
+                      '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo')
   return rdir
 
 
@@ -61,20 +65,42 @@ def _records_complete(rdir: str) -> bool:
       for s, info in meta['splits'].items())
 
 
+def prepare_records(config, workdir: str, rdir: str) -> dict[str, Any]:
+  """Records made from exactly these inputs and settings: verified, rebuilt or made; metadata."""
+  try:
+    precompute.verify_records(config, rdir)
+  except RecordsError:
+    if not config.data.rebuild_records:
+      raise
+    logging.warning('%s: records made from other inputs; deleting %d files to rebuild them '
+                    '(config.data.rebuild_records).', rdir, precompute.delete_records(rdir))
+  if not _records_complete(rdir):
+    logging.info('Precomputing encoder embeddings into %s', rdir)
+    precompute.run(config, workdir)
+  return records.read_metadata(rdir)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """The main job; returns the final dev metrics (and the demo comparison when config.demo)."""
-  # ---------------------------------------------------------------- set-up
   partitioning.maybe_initialize_distributed()
   tf.config.set_visible_devices([], 'GPU')
+  validation.check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir, 'train') if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  # ---------------------------------------------------------------- set-up
   if config.demo:
     from pplug_jax import demo
     demo.prepare(config, workdir)
   rdir = check_inputs(config, workdir)
+  validation.check_splits(config, rdir)
+  checkpoints.check_resume_config(workdir, config)
   checkpoints.save_config(workdir, config)
-  if not _records_complete(rdir):
-    logging.info('Precomputing encoder embeddings into %s', rdir)
-    precompute.run(config, workdir)
-  meta = records.read_metadata(rdir)
+  meta = prepare_records(config, workdir, rdir)
   spec = lamp.task_spec(config.task)
   mesh = partitioning.make_mesh(config.mesh_shape)
   rules = tuple(config.logical_axis_rules)
@@ -89,16 +115,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # ---------------------------------------------------------------- steps and optimizer
   micro, accum = config.optim.batch_size, config.optim.grad_accum
-  if micro % jax.process_count():
-    raise ValueError(f'config.optim.batch_size={micro} must divide over '
-                     f'{jax.process_count()} processes.')
   per_step = micro * accum
   n_train = pipeline.num_train_examples(config, rdir)
   total_steps = config.optim.max_steps if config.optim.max_steps > 0 else \
       (n_train * config.optim.epochs) // per_step
   if total_steps <= 0:
-    raise ValueError(f'{n_train} training examples give no step of {per_step}; lower '
-                     'config.optim.batch_size or config.optim.grad_accum.')
+    raise ConfigError(f'{n_train} training examples x {config.optim.epochs} epochs give no step '
+                      f'of {per_step} examples; lower config.optim.batch_size or '
+                      'config.optim.grad_accum.')
   tx, schedule = system_lib.build_optimizer(config, total_steps)
 
   # ---------------------------------------------------------------- state: init or resume
@@ -247,24 +271,16 @@ def _print_demo_table(result: dict, metric: str) -> None:
   print('\n'.join(lines), flush=True)
 
 
-class _QuietOrbax(logging_std.Filter):
-  """Keeps orbax's per-save INFO lines out of the console; its warnings still show."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietOrbax())
   flags_ = flags.FLAGS
   os.makedirs(flags_.workdir, exist_ok=True)
   train_and_evaluate(flags_.config, flags_.workdir)
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', 'configs/lamp.py', 'configs/lamp.py[:args]',
-                                  lock_config=True)
+  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args], e.g. '
+                                  'configs/lamp.py:demo', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Checkpoints, logs, records (and demo files) go here.')
-  flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  flags.mark_flags_as_required(['config', 'workdir'])
+  cli.run(main)

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from pplug_jax.errors import UserError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -148,6 +150,9 @@ def test_export_then_inference_api_reproduces_the_checkpoint(demo_run, tmp_path)
                                                  for i in (0, 2) for p in ('weight', 'bias')])
 
   gen = PersonaPlugGenerator(config.llm.path, config.encoder.path, str(out))
+  if not (workdir / 'predictions_dev.json').exists():  # when run without the evaluate test
+    from pplug_jax import evaluate
+    evaluate.evaluate(config, str(workdir), 'dev', 'best')
   with open(workdir / 'predictions_dev.json') as f:
     from_checkpoint = {g['id']: g['output'] for g in json.load(f)['golds']}
   dev = lamp.load_split(config.data.lamp_dir, 'LaMP_2', 'dev')[:12]
@@ -161,7 +166,7 @@ def test_export_then_inference_api_reproduces_the_checkpoint(demo_run, tmp_path)
   gen.add_history('u', items[:2])
   assert gen.add_history('u', items[2:]) == len(items)
   assert gen.generate([e.input], user_ids=['u']) == [from_checkpoint[e.id]]
-  cold = gen.generate([e.input], user_ids=['nobody'])
+  cold = gen.generate([e.input], user_ids=['nobody'], on_unknown_user='warn')
   assert isinstance(cold[0], str)
 
 
@@ -174,5 +179,52 @@ def test_bad_checkpoint_and_export_directories(tmp_path):
   (broken / 'state').mkdir()
   with pytest.raises(checkpoints.CheckpointNotFound, match='not a readable'):
     checkpoints.load_params(str(tmp_path), 'latest')
-  with pytest.raises(FileNotFoundError, match='not a plug export'):
+  with pytest.raises(UserError, match='not a plug export'):
     export.load_export(str(tmp_path))
+
+
+def test_inference_api_refuses_silent_mistakes(demo_run, tmp_path):
+  from pplug_jax.inference import PersonaPlugGenerator
+  workdir, _, _ = demo_run
+  config = _demo_config(workdir)
+  out = tmp_path / 'plug'
+  from pplug_jax import export
+  export.export(str(workdir), str(out))
+  for name in ('plug.safetensors', 'plug_config.json'):
+    assert os.stat(out / name).st_mode & 0o777 == 0o644, name
+  gen = PersonaPlugGenerator(config.llm.path, config.encoder.path, str(out))
+  prompt = ('Which tag does this movie relate to among the following tags? Just answer with '
+            'the tag name without further explanation. tags: [sci-fi, comedy, romance, action] '
+            'description: a starship crew meets an alien robot')
+  with pytest.raises(KeyError, match="unknown user ids \\['nobody'\\]"):
+    gen.generate([prompt], user_ids=['nobody'])
+  assert len(gen.generate([prompt], user_ids=['nobody'], on_unknown_user='warn')) == 1
+  with pytest.raises(TypeError, match='not a str'):
+    gen.add_history('alice', 'one long text, not a list')
+  with pytest.raises(TypeError, match='not a str'):
+    gen.generate(prompt, user_ids=['alice'])
+  with pytest.raises(TypeError, match=r'histories\[0\] must be a list of texts'):
+    gen.generate([prompt], histories=['a text where a list of texts belongs'])
+  assert gen.generate([], user_ids=[]) == []
+  assert gen.generate([], histories=[]) == []
+
+
+def _readme_snippet() -> str:
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    text = f.read()
+  start = text.index('<!-- inference-snippet -->')
+  block = text[text.index('```python', start) + len('```python'):]
+  return block[:block.index('```')]
+
+
+def test_readme_inference_snippet_runs_as_written_on_the_demo_export(demo_run, tmp_path):
+  """The README's snippet, with only the demo workdir's path swapped in."""
+  workdir, _, _ = demo_run
+  proc = subprocess.run([sys.executable, '-m', 'pplug_jax.export', f'--workdir={workdir}',
+                         f'--out={workdir}/plug'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  code = _readme_snippet().replace('/tmp/pplug_demo', str(workdir))
+  scope: dict = {}
+  exec(compile(code, 'README.md', 'exec'), scope)
+  assert scope['outputs'] == ['sci-fi', 'comedy']  # the same prompt, each user's own genre

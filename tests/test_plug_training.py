@@ -145,7 +145,7 @@ def test_config_typos_are_errors(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'pplug_jax.train', '--config',
                          'configs/lamp.py:demo', '--config.optim.lrr=0.5',
                          f'--workdir={tmp_path}'], capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
+  assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'lrr' in proc.stderr
   assert not (tmp_path / 'demo').exists()  # failed before doing any work
   with pytest.raises(ValueError, match='unknown args'):
@@ -160,7 +160,7 @@ def test_missing_weights_fail_fast_naming_the_key(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'pplug_jax.train', '--config',
                          'configs/lamp.py:task=4,size=xxl', f'--workdir={tmp_path}'],
                         capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
+  assert proc.returncode == 2, proc.stderr[-2000:]
   for key in ('config.llm.path', 'config.encoder.path', 'config.data.lamp_dir',
               'google/flan-t5-xxl'):
     assert key in proc.stderr, proc.stderr[-2000:]

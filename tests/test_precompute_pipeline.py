@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from configs import lamp as lamp_config
-from pplug_jax import precompute
+from pplug_jax import precompute, tokenizers
 from pplug_jax.data import lamp, pipeline, records, synthetic
 from pplug_jax.models import bert, hf_weights
 
@@ -54,7 +54,7 @@ def test_records_hold_exactly_the_encoders_embeddings(prepared, minilm_path):
   assert set(recs) == set(examples)
   # the encoder run directly: one text at a time, no batching, no length sorting
   bconf, params = hf_weights.load_bert(str(minilm_path))
-  tok = hf_weights.load_tokenizer(str(minilm_path))
+  tok = tokenizers.load_tokenizer(str(minilm_path))
   model = bert.Bert(bconf)
 
   def direct(text):

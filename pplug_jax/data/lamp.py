@@ -13,6 +13,8 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
+from pplug_jax.errors import UserError
+
 SPLITS = ('train', 'dev', 'test')
 SPLIT_TYPES = ('user', 'time')
 
@@ -21,7 +23,7 @@ LAMP2_TAGS = ('sci-fi', 'based on a book', 'comedy', 'action', 'twist ending', '
               'social commentary', 'violence', 'true story')
 
 
-class LampError(ValueError):
+class LampError(UserError):
   """Bad LaMP data; the message names the file and example id."""
 
 

@@ -9,6 +9,7 @@ step with the others) is padded with `valid == 0` rows.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterator
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from pplug_jax.data import records
+from pplug_jax.errors import RecordsError
 
 Batch = dict[str, np.ndarray]
 
@@ -23,9 +25,9 @@ Batch = dict[str, np.ndarray]
 def _process_files(files: list[str], process_index: int, process_count: int,
                    records_dir: str) -> list[str]:
   if len(files) < process_count:
-    raise ValueError(f'{records_dir}: {len(files)} shard files for {process_count} processes; '
-                     'set config.data.num_shards to a multiple of the process count and rerun '
-                     'precompute into a new records_dir.')
+    raise RecordsError(f'{records_dir}: {len(files)} shard files for {process_count} processes; '
+                       'set config.data.num_shards to a multiple of the process count and rerun '
+                       'precompute into a new records_dir.')
   return files[process_index::process_count]
 
 
@@ -110,6 +112,29 @@ def _augment(copies: int, max_drop: float, seed: int):
   return expand, apply
 
 
+def _corrupt_shard(files: list[str], error: tf.errors.OpError) -> RecordsError:
+  """Names the first shard that fails to read (found by reading each one alone)."""
+  for file in files:
+    try:
+      for _ in tf.data.TFRecordDataset(file):
+        pass
+    except tf.errors.OpError as e:
+      reason = (e.message or type(e).__name__).splitlines()[0]
+      return RecordsError(f'{file}: corrupt TFRecord shard ({reason}). Delete this file and run '
+                          'again: train (or precompute) makes the missing shard anew.')
+  reason = (error.message or type(error).__name__).splitlines()[0]
+  return RecordsError(f'unreadable records in {os.path.dirname(files[0]) if files else "?"} '
+                      f'({reason}). Delete the records directory and run again.')
+
+
+def _numpy(ds: tf.data.Dataset, files: list[str]) -> Iterator[Any]:
+  """ds.as_numpy_iterator(), with a read error turned into one that names the corrupt shard."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+    raise _corrupt_shard(files, e) from None
+
+
 def _parsed(files: list[str], meta: dict[str, Any]) -> tf.data.Dataset:
   fp = meta['fingerprint']
   return tf.data.TFRecordDataset(files).map(records.parse_fn(fp['dim'], fp['embedding_dtype']),
@@ -135,8 +160,7 @@ def train_batches(config, records_dir: str, local_batch_size: int, skip_batches:
   ds = ds.map(lambda ex: pad_example(ex, config), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch_size, drop_remainder=True).skip(skip_batches)
   ds = ds.prefetch(config.data.prefetch)
-  for batch in ds.as_numpy_iterator():
-    yield batch
+  yield from _numpy(ds, files)
 
 
 def num_train_examples(config, records_dir: str, split: str = 'train') -> int:
@@ -147,7 +171,7 @@ def num_train_examples(config, records_dir: str, split: str = 'train') -> int:
     return meta['splits'][split]['examples']
   lengths = _parsed(files, meta).map(lambda ex: ex['history_length'])
   n = 0
-  for length in lengths.as_numpy_iterator():
+  for length in _numpy(lengths, files):
     n += 1 + (config.data.augment_copies if length > 2 else 0)
   return n
 
@@ -161,8 +185,8 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
   pc = jax.process_count() if process_count is None else process_count
   files = records.split_shards(records_dir, split)
   if len(files) != len(meta['splits'][split]['shard_counts']):
-    raise ValueError(f'{records_dir}: {split} has {len(files)} finished shards of '
-                     f'{len(meta["splits"][split]["shard_counts"])}; rerun precompute.')
+    raise RecordsError(f'{records_dir}: {split} has {len(files)} finished shards of '
+                       f'{len(meta["splits"][split]["shard_counts"])}; rerun precompute.')
   counts = meta['splits'][split]['shard_counts']
   per_process = [sum(counts[p::pc]) for p in range(pc)]
   num_batches = max(1, math.ceil(max(per_process) / local_batch_size))
@@ -177,7 +201,7 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
   blank['history_item_ids'] = tf.fill([config.data.max_history], b'')
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(filler))
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(config.data.prefetch)
-  return num_batches, ds.as_numpy_iterator()
+  return num_batches, _numpy(ds, mine)
 
 
 def to_global(batch: Batch, mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Array]:

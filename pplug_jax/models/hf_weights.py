@@ -19,6 +19,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from pplug_jax.errors import UserError
+
 from pplug_jax.models import bert as bert_lib
 from pplug_jax.models import t5 as t5_lib
 
@@ -33,8 +35,21 @@ _ST_DTYPES = {
 _PICKLE_NAMES = ('pytorch_model.bin', 'pytorch_model.bin.index.json', 'model.pt', 'model.ckpt')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A model directory that cannot be loaded; the message says what to do."""
+
+
+def _conversion_hint(path: str) -> str:
+  """The one-off command (it needs torch: pip install torch) that writes safetensors."""
+  try:
+    model_type = read_hf_config(path).get('model_type')
+  except CheckpointError:
+    model_type = None
+  # T5ForConditionalGeneration keeps FlanT5's own lm_head; AutoModel would drop it.
+  cls = 'T5ForConditionalGeneration' if model_type == 't5' else 'AutoModel'
+  return (f'Convert once (this needs torch: pip install torch) with: python -c "from transformers '
+          f"import {cls}; {cls}.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" "
+          'then copy the tokenizer files there too and point the config at it.')
 
 
 class SafetensorsDir:
@@ -50,11 +65,9 @@ class SafetensorsDir:
     if not files:
       pickles = [f for f in os.listdir(path) if f in _PICKLE_NAMES or f.endswith('.bin')]
       if pickles:
-        raise CheckpointError(
-            f'{path}: only pickle checkpoints ({", ".join(sorted(pickles))}); they are refused '
-            'because unpickling runs arbitrary code. Convert once with: python -c "from '
-            "transformers import AutoModel; AutoModel.from_pretrained('" + path +
-            "').save_pretrained('" + path + "-safetensors')\" and point the config there.")
+        raise CheckpointError(f'{path}: only pickle checkpoints ({", ".join(sorted(pickles))}); '
+                              'they are refused because unpickling runs arbitrary code. '
+                              + _conversion_hint(path))
       raise CheckpointError(f'{path}: no *.safetensors file. Download the model with its '
                             'model.safetensors (or the sharded model-*.safetensors + index).')
     if os.path.exists(index):
@@ -90,23 +103,41 @@ class SafetensorsDir:
 
 
 def _read_header(file: str) -> dict[str, dict]:
-  with open(file, 'rb') as f:
-    (n,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(n))
+  """The tensor table of a safetensors file, checked against the file's size."""
+  size = os.path.getsize(file)
+  try:
+    with open(file, 'rb') as f:
+      (n,) = struct.unpack('<Q', f.read(8))
+      if 8 + n > size:
+        raise ValueError(f'header of {n} bytes')
+      header = json.loads(f.read(n))
+  except (struct.error, ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{file}: not a readable safetensors file (broken header: {e}). '
+                          'Re-download it.') from None
   header.pop('__metadata__', None)
-  for info in header.values():
-    if info['dtype'] not in _ST_DTYPES:
-      raise CheckpointError(f'{file}: unsupported tensor dtype {info["dtype"]}.')
+  end = 0
+  for key, info in header.items():
+    if not isinstance(info, dict) or info.get('dtype') not in _ST_DTYPES:
+      raise CheckpointError(f'{file}: tensor {key!r} has an unsupported or missing dtype '
+                            f'({info.get("dtype") if isinstance(info, dict) else info!r}).')
     info['_base'] = 8 + n
+    end = max(end, info['data_offsets'][1])
+  if 8 + n + end > size:
+    raise CheckpointError(f'{file}: truncated ({size} bytes; its header needs {8 + n + end}). '
+                          'Re-download it.')
   return header
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
+  """config.json of a Hugging Face model directory."""
   file = os.path.join(path, 'config.json')
   if not os.path.exists(file):
     raise CheckpointError(f'{path}: no config.json. Use a full Hugging Face model directory.')
-  with open(file) as f:
-    return json.load(f)
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f'{file}: malformed JSON ({e}). Re-download it.') from None
 
 
 _T = lambda a: a.T  # torch Linear (out, in) -> Flax kernel (in, out)
@@ -266,15 +297,40 @@ def bert_abstract_params(config: bert_lib.BertConfig, boxed: bool = True) -> Par
                           jnp.ones((1, 1), jnp.int32), boxed=boxed)
 
 
+# Architectures saved without an LM head: a T5 from them has no lm_head.weight to tie or not.
+_HEADLESS = ('T5Model', 'T5EncoderModel')
+
+
+def _tied_embeddings(path: str, hf: dict[str, Any], ckpt: SafetensorsDir) -> bool:
+  """Whether the LM head is the token-embedding table.
+
+  A checkpoint's own lm_head.weight always wins: transformers 5 writes tie_word_embeddings=true
+  into config.json even for FlanT5, whose head is separate. A missing head is an error when
+  config.json says the head is separate, or when the model was saved without one (T5Model,
+  e.g. after a conversion with AutoModel); guessing tied there gives wrong logits silently.
+  """
+  if 'lm_head.weight' in ckpt:
+    return False
+  headless = [a for a in hf.get('architectures') or [] if a in _HEADLESS]
+  if hf.get('tie_word_embeddings') is False or headless:
+    why = (f'config.json says tie_word_embeddings=false' if not headless else
+           f'it was saved as {headless[0]}, without an LM head')
+    raise CheckpointError(f'{path}: no lm_head.weight, but {why}: the model would silently '
+                          'use the embedding table as its LM head. Re-download the model, or '
+                          'convert the original checkpoint with T5ForConditionalGeneration. '
+                          + _conversion_hint(path))
+  return True
+
+
 def load_t5_config(path: str, dtype: Any = jnp.float32, ckpt: SafetensorsDir | None = None,
                    **config_overrides) -> t5_lib.T5Config:
-  """The T5Config of a Hugging Face T5 directory; a separate lm_head.weight means untied."""
+  """The T5Config of a Hugging Face T5 directory; tying as `_tied_embeddings` decides."""
   ckpt = ckpt or SafetensorsDir(path)
   hf = read_hf_config(path)
   if hf.get('model_type') not in (None, 't5'):
     raise CheckpointError(f'{path}/config.json: model_type={hf.get("model_type")!r}, not t5.')
   overrides = dict(param_dtype=dtype, **config_overrides)
-  overrides['tie_word_embeddings'] = 'lm_head.weight' not in ckpt
+  overrides['tie_word_embeddings'] = _tied_embeddings(path, hf, ckpt)
   return t5_lib.T5Config.from_hf(hf, **overrides)
 
 
@@ -380,9 +436,3 @@ def sentence_transformers_pooling(path: str) -> dict[str, Any]:
     with open(modules_file) as f:
       out['normalize'] = any('Normalize' in m.get('type', '') for m in json.load(f))
   return out
-
-
-def load_tokenizer(path: str):
-  """The Hugging Face tokenizer saved in the same directory."""
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(path)

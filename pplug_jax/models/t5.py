@@ -22,15 +22,15 @@ from pplug_jax.models.layers import (NEG_INF, Dense, Embed, constrain, multihead
 
 Cache = dict[str, jax.Array]
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 def as_dtype(name_or_dtype: Any) -> Any:
   """'bfloat16' -> jnp.bfloat16 (dtypes pass through)."""
   if isinstance(name_or_dtype, str):
-    if name_or_dtype not in _DTYPES:
-      raise ValueError(f'Unknown dtype {name_or_dtype!r}; use one of {sorted(_DTYPES)}.')
-    return _DTYPES[name_or_dtype]
+    if name_or_dtype not in DTYPES:
+      raise ValueError(f'Unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES)}.')
+    return DTYPES[name_or_dtype]
   return name_or_dtype
 
 
@@ -250,7 +250,7 @@ class DecoderLayer(nn.Module):
     return constrain(x, ('batch', 'length', 'embed')), new_cache
 
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {
     'full': None,
     'dots_with_no_batch_dims': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     'dots': jax.checkpoint_policies.checkpoint_dots,
@@ -261,10 +261,10 @@ def _layer_stack(config: T5Config, layer_cls: type[nn.Module], num_layers: int,
                  in_axes: tuple[Any, ...]):
   """Returns fn(parent, x, *args) that applies the layers, remat'ed and/or scanned by config."""
   if config.remat_policy != 'none':
-    if config.remat_policy not in _REMAT_POLICIES:
-      raise ValueError(f'config.model.remat_policy={config.remat_policy!r} is not one of '
-                       f"{['none', *_REMAT_POLICIES]}.")
-    layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[config.remat_policy],
+    if config.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'config.llm.remat_policy={config.remat_policy!r} is not one of '
+                       f"{['none', *REMAT_POLICIES]}.")
+    layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
                          prevent_cse=not config.scan_layers)
   if config.scan_layers:
     scanned = nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True},

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from pplug_jax import tokenizers
 from pplug_jax.models import bert, hf_weights
 from pplug_jax.models.t5 import as_dtype
 
@@ -24,7 +25,7 @@ class TextEncoder:
                dtype: str = 'float32', batch_size: int = 64, max_length: int = 512):
     overrides = {k: v for k, v in (('pooling', pooling), ('normalize', normalize)) if v is not None}
     self.config, self.params = hf_weights.load_bert(path, dtype=as_dtype(dtype), **overrides)
-    self.tokenizer = hf_weights.load_tokenizer(path)
+    self.tokenizer = tokenizers.load_tokenizer(path)
     self.batch_size = batch_size
     self.max_length = min(max_length, self.config.max_position_embeddings)
     self.dim = self.config.hidden_size

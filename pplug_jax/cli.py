@@ -1,0 +1,137 @@
+"""Entry-point plumbing shared by train, evaluate, precompute and export.
+
+- Config flags whose errors are one line: an unknown key names the closest valid one.
+- A `UserError` (bad input, files or settings) prints its message alone and exits with status 2;
+  `--verbose` shows the traceback. Other exceptions are bugs and keep theirs.
+- Quiet, tidy logs: orbax's per-save INFO lines stay out of the console, and log lines go
+  through `tqdm.write` so they never cut a progress bar in half.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging as logging_std
+import sys
+from typing import Any, Callable
+
+from absl import app, flags, logging
+from tqdm.auto import tqdm
+
+from pplug_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+  """Prints a user error and exits with status 2."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _flat_keys(config, prefix: str = 'config') -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys.append(f'{prefix}.{k}')
+    if hasattr(v, 'items') and not isinstance(v, dict):
+      keys.extend(_flat_keys(v, f'{prefix}.{k}'))
+  return keys
+
+
+def unknown_key_message(config, key: str) -> str | None:
+  """'unknown config key …; the closest valid key is …', or None when `key` exists."""
+  node = config
+  for part in key.split('.')[1:]:
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      valid = _flat_keys(config)
+      close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+      hint = f'; the closest valid key is {close[0]}' if close else ''
+      return f'unknown config key {key}{hint}. See the README\'s "Config keys".'
+  return None
+
+
+def _config_named_in(argv: list[str]) -> Any:
+  """The ConfigDict that `--config FILE[:ARG]` in argv names, or None if it cannot be built."""
+  import importlib.util
+  for i, arg in enumerate(argv):
+    if arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+    else:
+      continue
+    path, _, config_arg = value.partition(':')
+    try:
+      spec = importlib.util.spec_from_file_location('_pplug_config', path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      return module.get_config(config_arg) if config_arg else module.get_config()
+    except Exception:  # the flag parser's own error says what is wrong with it
+      return None
+  return None
+
+
+def _flag_error(error: Exception, argv: list[str]) -> str:
+  config = _config_named_in(argv)
+  if config is not None:
+    for arg in argv[1:]:
+      if arg.startswith('--config.'):
+        message = unknown_key_message(config, arg[2:].split('=', 1)[0])
+        if message:
+          return message
+  text = str(error).strip().strip('"').replace('\\n', ' ')
+  return text.splitlines()[-1] if text else type(error).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # unknown config keys, values of the wrong type, bad config args
+    fail(_flag_error(e, argv))
+    raise  # unreachable: fail exits
+
+
+class _QuietOrbax(logging_std.Filter):
+  """Keeps orbax's INFO lines out of the console; its warnings still show."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or 'orbax' not in record.pathname
+
+
+class _TqdmStream:
+  """A stream that writes through tqdm, so log lines and progress bars don't interleave."""
+
+  def write(self, text: str) -> None:
+    tqdm.write(text, file=sys.stderr, end='')
+
+  def flush(self) -> None:
+    sys.stderr.flush()
+
+  def close(self) -> None:  # stderr stays open; logging.shutdown calls this at exit
+    pass
+
+
+def tidy_logging() -> None:
+  """Quiet orbax; route absl log lines around the progress bars."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(_QuietOrbax())
+  handler.python_handler.stream = _TqdmStream()
+  # "Unable to initialize backend 'tpu'" on every machine without libtpu: INFO, not news.
+  logging_std.getLogger('jax._src.xla_bridge').setLevel(logging_std.WARNING)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """app.run with friendly flag errors, tidy logs and user errors as one line + exit 2."""
+  flags.DEFINE_bool('verbose', False, 'Show the traceback of user errors too.')
+
+  def wrapped(argv: list[str]) -> Any:
+    tidy_logging()
+    try:
+      return main(argv)
+    except UserError as e:
+      if flags.FLAGS.verbose:
+        raise
+      fail(str(e))
+
+  app.run(wrapped, flags_parser=_parse_flags)

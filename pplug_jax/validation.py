@@ -1,0 +1,146 @@
+"""Checks a config and its data in seconds, before any long work, listing every problem at once.
+
+`check_config` covers values and their combinations with the devices (batch divisibility, mesh);
+`check_splits` covers the LaMP files (or finished records) that training needs: train and dev
+present and non-empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from pplug_jax import partitioning
+from pplug_jax.data import lamp, records
+from pplug_jax.errors import ConfigError
+from pplug_jax.models import bert, t5
+
+ENCODER_MODES = ('frozen', 'finetune')
+EMBEDDING_DTYPES = ('float32', 'float16')
+
+
+def _problems_of_values(c) -> list[str]:
+  p: list[str] = []
+
+  def need(ok: bool, key: str, rule: str) -> None:
+    if not ok:
+      value = c
+      for part in key.split('.'):
+        value = value[part]
+      p.append(f'config.{key}={value!r}: {rule}.')
+
+  def positive(*keys: str) -> None:
+    for key in keys:
+      section, name = key.split('.')
+      need(isinstance(c[section][name], (int, float)) and c[section][name] > 0, key,
+           'must be > 0')
+
+  def one_of(key: str, allowed) -> None:
+    section, name = key.split('.')
+    need(c[section][name] in allowed, key, f'use one of {sorted(allowed)}')
+
+  try:
+    lamp.task_spec(c.task)
+  except lamp.LampError:
+    p.append(f'config.task={c.task!r}: use one of {sorted(lamp.TASKS)}.')
+  need(c.split_type in lamp.SPLIT_TYPES, 'split_type', f'use one of {list(lamp.SPLIT_TYPES)}')
+  positive('data.num_shards', 'data.max_input_length', 'data.max_target_length',
+           'data.max_history', 'data.item_max_length', 'data.query_max_length',
+           'data.shuffle_buffer', 'encoder.batch_size', 'optim.lr', 'optim.grad_clip',
+           'optim.batch_size', 'optim.grad_accum', 'train.log_every', 'train.eval_every',
+           'train.checkpoint_every', 'train.keep_checkpoints', 'train.eval_batch_size',
+           'eval.num_beams', 'eval.max_new_tokens', 'plug.instruction_scale_divisor')
+  need(c.data.augment_copies >= 0, 'data.augment_copies', 'must be >= 0 (0 = off)')
+  need(0 <= c.data.augment_max_drop < 1, 'data.augment_max_drop', 'must be in [0, 1)')
+  need(c.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
+  one_of('data.embedding_dtype', EMBEDDING_DTYPES)
+  one_of('encoder.mode', ENCODER_MODES)
+  one_of('encoder.pooling', bert.POOLINGS)
+  for key in ('encoder.dtype', 'llm.dtype', 'llm.param_dtype', 'plug.dtype'):
+    one_of(key, t5.DTYPES)
+  one_of('llm.remat_policy', ('none', *t5.REMAT_POLICIES))
+  need(c.plug.persona_scale == -1 or c.plug.persona_scale > 0, 'plug.persona_scale',
+       'must be > 0, or -1 to derive it from the backbone')
+  need(c.optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0')
+  need(0 <= c.optim.warmup_frac < 1, 'optim.warmup_frac', 'must be in [0, 1)')
+  need(c.optim.max_steps == -1 or c.optim.max_steps > 0, 'optim.max_steps',
+       'must be > 0, or -1 to train for config.optim.epochs')
+  if c.optim.max_steps == -1:
+    need(c.optim.epochs > 0, 'optim.epochs', 'must be > 0 (or set config.optim.max_steps)')
+  need(c.train.max_eval_batches == -1 or c.train.max_eval_batches > 0, 'train.max_eval_batches',
+       'must be > 0, or -1 for the whole split')
+  need(c.eval.explain_top_k >= 0, 'eval.explain_top_k', 'must be >= 0')
+  return p
+
+
+def _problems_with_devices(c, num_devices: int, process_count: int) -> list[str]:
+  try:
+    shape = partitioning.resolve_mesh_shape(c.mesh_shape, num_devices)
+  except ConfigError as e:
+    return [str(e)]
+  data = shape[partitioning.MESH_AXES.index('data')]
+  p = []
+  if c.optim.batch_size > 0 and (c.optim.batch_size % data or c.optim.batch_size % process_count):
+    p.append(f'config.optim.batch_size={c.optim.batch_size}: must be a multiple of the data-'
+             f'parallel size {data} (config.mesh_shape={tuple(c.mesh_shape)} on {num_devices} '
+             f'devices) and of the {process_count} processes.')
+  if c.train.eval_batch_size > 0 and (c.train.eval_batch_size * process_count) % data:
+    p.append(f'config.train.eval_batch_size={c.train.eval_batch_size} (per process): '
+             f'{process_count} processes x it must be a multiple of the data-parallel size '
+             f'{data}.')
+  if c.data.num_shards > 0 and c.data.num_shards < process_count:
+    p.append(f'config.data.num_shards={c.data.num_shards}: needs at least one shard per process '
+             f'({process_count}).')
+  return p
+
+
+def check_config(config, num_devices: int | None = None,
+                 process_count: int | None = None) -> None:
+  """Raises one ConfigError that lists every invalid value in `config`."""
+  problems = _problems_of_values(config)
+  problems += _problems_with_devices(
+      config, jax.device_count() if num_devices is None else num_devices,
+      jax.process_count() if process_count is None else process_count)
+  if problems:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(problems))
+
+
+def _count_questions(path: str) -> int:
+  try:
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise lamp.LampError(f'{path}: malformed JSON ({e}). Re-download the file.') from e
+  if not isinstance(data, list):
+    raise lamp.LampError(f'{path}: expected a JSON list of questions.')
+  return len(data)
+
+
+def check_splits(config, records_dir: str, need: tuple[str, ...] = ('train', 'dev')) -> None:
+  """The splits training needs are present and non-empty, in the LaMP files or the records."""
+  problems = []
+  have_records = os.path.exists(os.path.join(records_dir, records.METADATA))
+  if config.data.lamp_dir:
+    root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
+    for split in need:
+      try:
+        qfile, ofile = lamp.split_files(root, split)
+      except lamp.LampError as e:
+        problems.append(str(e))
+        continue
+      if ofile is None:
+        problems.append(f'{qfile}: no {split}_outputs.json beside it; {split} needs outputs.')
+      elif _count_questions(qfile) == 0:
+        problems.append(f'{qfile}: the {split} split is empty; training needs examples in '
+                        f'{" and ".join(need)}.')
+  elif have_records:
+    splits: dict[str, Any] = records.read_metadata(records_dir).get('splits', {})
+    for split in need:
+      if not splits.get(split, {}).get('examples'):
+        problems.append(f'{records_dir}: no {split} examples in these records; precompute them '
+                        'from LaMP files that have a non-empty ' + split + ' split.')
+  if problems:
+    raise lamp.LampError('\n  '.join(problems))
