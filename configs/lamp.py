@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.data.records_dir = ''       # precompute output; '' = <workdir>/records
   c.data.rebuild_records = False  # True: delete records made from other inputs, make them again
   c.data.num_shards = 4
+  c.data.num_streams = 0        # data streams of a global batch; 0 = one per process
   c.data.embedding_dtype = 'float32'
   c.data.max_input_length = 256
   c.data.max_target_length = 10 if task == 3 else 128

@@ -20,12 +20,23 @@ class CheckpointNotFound(UserError, FileNotFoundError):
 
 
 def managers(workdir: str, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+  """The last `keep` checkpoints, and the best one by dev score.
+
+  Each manager has its own barrier names: both save at an evaluation step, and with several
+  processes orbax's barriers for the same step would otherwise collide.
+  """
   root = os.path.abspath(workdir)
+
+  def sync(prefix):
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
   latest = ocp.CheckpointManager(os.path.join(root, 'checkpoints'),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                                      create=True))
+                                 options=ocp.CheckpointManagerOptions(
+                                     max_to_keep=keep, create=True,
+                                     multiprocessing_options=sync('latest')))
   best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=True, best_fn=lambda m: m['score'], best_mode='max'))
+      max_to_keep=1, create=True, best_fn=lambda m: m['score'], best_mode='max',
+      multiprocessing_options=sync('best')))
   return latest, best
 
 
@@ -54,11 +65,20 @@ def find(workdir: str, which: str = 'best') -> tuple[str, int]:
                            'first: python -m pplug_jax.train --config ... --workdir ' + workdir)
 
 
+def restore_on_this_host(state_dir: str) -> Any:
+  """A saved state onto this process's first device, whatever mesh or hosts saved it."""
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(state_dir).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  return checkpointer.restore(state_dir, target)
+
+
 def load_params(workdir: str, which: str = 'best') -> tuple[dict, int]:
   """The trainable params (plug, and the input encoder when fine-tuned) of a checkpoint, numpy."""
   path, step = find(workdir, which)
   try:
-    state = ocp.StandardCheckpointer().restore(os.path.join(path, 'state'))
+    state = restore_on_this_host(os.path.join(path, 'state'))
   except Exception as e:  # a truncated or foreign directory
     raise CheckpointNotFound(f'{path}: not a readable pplug_jax checkpoint ({e}). Delete it '
                              'and resume from an earlier one.') from e

@@ -121,6 +121,16 @@ def tidy_logging() -> None:
   logging_std.getLogger('jax._src.xla_bridge').setLevel(logging_std.WARNING)
 
 
+def _leave_distributed() -> None:
+  """Every process finishes together; otherwise the first to exit takes the coordination
+  service down under the others, which then abort."""
+  import jax
+  if jax.distributed.is_initialized():
+    from pplug_jax import partitioning
+    partitioning.sync('exit')
+    jax.distributed.shutdown()
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
   """app.run with friendly flag errors, tidy logs and user errors as one line + exit 2."""
   flags.DEFINE_bool('verbose', False, 'Show the traceback of user errors too.')
@@ -128,10 +138,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
   def wrapped(argv: list[str]) -> Any:
     tidy_logging()
     try:
-      return main(argv)
+      result = main(argv)
     except UserError as e:
       if flags.FLAGS.verbose:
         raise
       fail(str(e))
+    _leave_distributed()
+    return result
 
   app.run(wrapped, flags_parser=_parse_flags)

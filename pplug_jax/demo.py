@@ -17,7 +17,7 @@ import optax
 from flax import linen as nn
 from absl import logging
 
-from pplug_jax import tokenizers
+from pplug_jax import partitioning, tokenizers
 from pplug_jax.errors import ConfigError
 from pplug_jax.data import lamp, synthetic
 from pplug_jax.models import hf_weights, t5 as t5_lib
@@ -57,6 +57,12 @@ def prepare(config, workdir: str) -> None:
     raise ConfigError(f'the demo (configs/lamp.py:demo) makes its own data and models in '
                       f'{os.path.join(workdir, "demo")} and refuses {", ".join(foreign)}. For '
                       'your own files use a real config, e.g. configs/lamp.py:task=2,size=xxl.')
+  if jax.process_index() == 0:  # one process makes the files; the others wait for them
+    _make_files(config)
+  partitioning.sync('demo files')
+
+
+def _make_files(config) -> None:
   d = config.demo_data
   info_file = os.path.join(lamp.task_dir(config.data.lamp_dir, config.task), 'synthetic_info.json')
   if not os.path.exists(info_file):

@@ -34,9 +34,10 @@ def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> d
   system = system_lib.load_system(config, meta['fingerprint']['dim'], mesh)
   trainable = jax.device_put(trainable, system_lib.replicated_like(trainable, mesh))
   spec = lamp.task_spec(config.task)
-  out = generation.generate_split(system, trainable, rdir, split, config.train.eval_batch_size,
-                                  desc=f'{split} (step {step})',
-                                  explain_top_k=config.eval.explain_top_k)
+  generator = generation.SplitGenerator(system, config)
+  out = generator.generate_split(trainable, rdir, split, config.train.eval_batch_size,
+                                 desc=f'{split} (step {step})',
+                                 explain_top_k=config.eval.explain_top_k)
   ids = sorted(out['predictions'], key=lambda i: (len(i), i))
   preds = {'task': spec.name, 'golds': [{'id': i, 'output': out['predictions'][i]} for i in ids]}
   result: dict[str, Any] = {'step': step, 'split': split, 'count': len(ids),
@@ -63,6 +64,7 @@ def _write(path: str, obj) -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
+  partitioning.maybe_initialize_distributed()
   config = f.config if f.config is not None else checkpoints.load_config(f.workdir)
   print(json.dumps(evaluate(config, f.workdir, f.split, f.checkpoint), indent=1))
 

@@ -1,9 +1,16 @@
-"""Generation over an eval split (every example once) and LaMP metrics; used by train and evaluate."""
+"""Split-wide generation for evaluation: every example once, compiled once, LaMP-scored.
+
+`decoding.py` holds the token-level searches (greedy, beam). This module runs them over a
+records split with the system's soft tokens, gathers the predictions of every process, and
+scores them with the official metrics. Generation settings are explicit (`GenerationSettings`),
+and a `SplitGenerator` keeps its jitted functions and tokenizer for every later evaluation.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,77 +20,110 @@ from tqdm.auto import tqdm
 
 from pplug_jax import decoding, metrics as metrics_lib, tokenizers
 from pplug_jax.data import pipeline
+from pplug_jax.models import t5 as t5_lib
 from pplug_jax.system import System
 
 
-def decode_tokens(system: System, llm_params: dict, embedded: jax.Array, mask: jax.Array) -> jax.Array:
-  """Greedy (eval.num_beams == 1) or beam search, as config.eval says."""
-  e = system.config.eval
-  if e.num_beams <= 1:
-    return decoding.greedy(system.llm, llm_params, embedded, mask, e.max_new_tokens)
-  tokens, _ = decoding.beam_search(system.llm, llm_params, embedded, mask, e.max_new_tokens,
-                                   e.num_beams, e.length_penalty, e.early_stopping)
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+  """How to decode: greedy when num_beams == 1, else beam search with HF semantics."""
+  num_beams: int = 4
+  length_penalty: float = 1.0
+  early_stopping: bool | str = False
+  max_new_tokens: int = 128
+
+  @classmethod
+  def from_config(cls, config) -> 'GenerationSettings':
+    e = config.eval
+    return cls(int(e.num_beams), float(e.length_penalty), e.early_stopping,
+               int(e.max_new_tokens))
+
+
+def decode_tokens(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Array,
+                  settings: GenerationSettings) -> jax.Array:
+  """Generated tokens [B, max_new_tokens] from encoder input embeddings."""
+  if settings.num_beams <= 1:
+    return decoding.greedy(llm, llm_params, embedded, mask, settings.max_new_tokens)
+  tokens, _ = decoding.beam_search(llm, llm_params, embedded, mask, settings.max_new_tokens,
+                                   settings.num_beams, settings.length_penalty,
+                                   settings.early_stopping)
   return tokens
 
 
-def make_generate_fn(system: System, persona: bool = True):
-  """jit(trainable, llm_params, batch) -> (tokens, mean NLL, history attention weights)."""
+class SplitGenerator:
+  """Generates over record splits for one system; each variant (plug, persona) compiles once."""
 
-  def fn(trainable, llm_params, batch):
-    embedded, mask = system.inputs(trainable, llm_params, batch, persona=persona)
-    tokens = decode_tokens(system, llm_params, embedded, mask)
-    nll = system.loss_from_inputs(llm_params, embedded, mask, batch)
-    if trainable is None:
-      weights = jnp.zeros(batch['history_mask'].shape, jnp.float32)
-    else:
-      _, weights = system.soft_tokens(trainable, batch)
-    return tokens, nll, weights
+  def __init__(self, system: System, config, settings: GenerationSettings | None = None):
+    self.system = system
+    self.config = config  # the data settings of the records (lengths, history size)
+    self.settings = settings or GenerationSettings.from_config(config)
+    self.tokenizer = tokenizers.llm_tokenizer(config)
+    self._fns: dict[bool, Callable] = {}
 
-  return jax.jit(fn)
+  def jitted(self, persona: bool = True) -> Callable:
+    """jit(trainable, llm_params, batch) -> (tokens, mean NLL, history weights), built once."""
+    if persona not in self._fns:
+      system, settings = self.system, self.settings
 
+      def fn(trainable, llm_params, batch):
+        embedded, mask = system.encoder_inputs(trainable, llm_params, batch, persona=persona)
+        tokens = decode_tokens(system.llm, llm_params, embedded, mask, settings)
+        nll = system.loss_from_inputs(llm_params, embedded, mask, batch)
+        if trainable is None:
+          weights = jnp.zeros(batch['history_mask'].shape, jnp.float32)
+        else:
+          _, weights = system.soft_tokens(trainable, batch)
+        return tokens, nll, weights
 
-def generate_split(system: System, trainable: dict | None, records_dir: str, split: str,
-                   batch_size: int, persona: bool = True, max_batches: int = -1,
-                   desc: str = 'generate', explain_top_k: int = 0) -> dict[str, Any]:
-  """Predictions and references {id: text}, mean target NLL, optional top-k explanations."""
-  config = system.config
-  tok = tokenizers.llm_tokenizer(config)
-  mesh, rules = system.mesh, tuple(config.logical_axis_rules)
-  gen = make_generate_fn(system, persona)
-  num_batches, it = pipeline.eval_batches(config, records_dir, split, batch_size)
-  if max_batches > 0:
-    num_batches = min(num_batches, max_batches)
-  preds, refs, explain, nll_sum, nll_n = {}, {}, {}, 0.0, 0
-  start = time.time()
-  for i, batch in enumerate(tqdm(it, total=num_batches, desc=desc, unit='batch', mininterval=5)):
-    if i >= num_batches:
-      break
-    tokens, nll, weights = gen(trainable, system.llm_params, pipeline.to_global(batch, mesh, rules))
-    texts = tok.batch_decode(pipeline.to_local(tokens, mesh, rules), skip_special_tokens=True)
-    weights = pipeline.to_local(weights, mesh, rules)
-    n_tok = int((batch['target_mask'] * batch['valid'][:, None]).sum())
-    nll_sum += float(nll) * n_tok
-    nll_n += n_tok
-    for row, (eid, ref, text, ok) in enumerate(zip(batch['id'], batch['target_text'], texts,
-                                                   batch['valid'])):
-      if not ok:
-        continue
-      eid = eid.decode()
-      preds[eid], refs[eid] = text.strip(), ref.decode()
-      if explain_top_k > 0:
-        top = np.argsort(-weights[row])[:explain_top_k]
-        explain[eid] = [{'item_id': batch['history_item_ids'][row, j].decode(),
-                         'weight': float(weights[row, j])}
-                        for j in top if weights[row, j] > 0]
-  if jax.process_count() > 1:  # every process ends with every example's prediction
-    preds, refs, explain = (_merge_across_processes(d) for d in (preds, refs, explain))
-    nll_sum, nll_n = (sum(_merge_across_processes({'v': x}, list_values=True)['v'])
-                      for x in (nll_sum, nll_n))
-  seconds = time.time() - start
-  logging.info('%s: %d examples in %.1fs (%.1f examples/s)', desc, len(preds), seconds,
-               len(preds) / max(seconds, 1e-9))
-  return {'predictions': preds, 'references': refs, 'nll': nll_sum / max(nll_n, 1),
-          'explanations': explain, 'examples_per_second': len(preds) / max(seconds, 1e-9)}
+      self._fns[persona] = jax.jit(fn)
+    return self._fns[persona]
+
+  def generate_split(self, trainable: dict | None, records_dir: str, split: str,
+                     batch_size: int, persona: bool = True, max_batches: int = -1,
+                     desc: str = 'generate', explain_top_k: int = 0) -> dict[str, Any]:
+    """Predictions and references {id: text}, mean target NLL, optional top-k explanations.
+
+    Every process ends with every example's prediction, each example counted once.
+    """
+    mesh, rules = self.system.mesh, self.system.rules
+    gen = self.jitted(persona)
+    num_batches, it = pipeline.eval_batches(self.config, records_dir, split, batch_size)
+    if max_batches > 0:
+      num_batches = min(num_batches, max_batches)
+    preds, refs, explain, nll_sum, nll_n = {}, {}, {}, 0.0, 0
+    start = time.time()
+    for i, batch in enumerate(tqdm(it, total=num_batches, desc=desc, unit='batch',
+                                   mininterval=5, disable=jax.process_index() > 0)):
+      if i >= num_batches:
+        break
+      tokens, nll, weights = gen(trainable, self.system.llm_params,
+                                 pipeline.to_global(batch, mesh, rules))
+      texts = self.tokenizer.batch_decode(pipeline.to_local(tokens, mesh, rules),
+                                          skip_special_tokens=True)
+      weights = pipeline.to_local(weights, mesh, rules)
+      n_tok = int((batch['target_mask'] * batch['valid'][:, None]).sum())
+      nll_sum += float(nll) * n_tok
+      nll_n += n_tok
+      for row, (eid, ref, text, ok) in enumerate(zip(batch['id'], batch['target_text'], texts,
+                                                     batch['valid'])):
+        if not ok:
+          continue
+        eid = eid.decode()
+        preds[eid], refs[eid] = text.strip(), ref.decode()
+        if explain_top_k > 0:
+          top = np.argsort(-weights[row])[:explain_top_k]
+          explain[eid] = [{'item_id': batch['history_item_ids'][row, j].decode(),
+                           'weight': float(weights[row, j])}
+                          for j in top if weights[row, j] > 0]
+    if jax.process_count() > 1:
+      preds, refs, explain = (_merge_across_processes(d) for d in (preds, refs, explain))
+      nll_sum, nll_n = (sum(_merge_across_processes({'v': x}, list_values=True)['v'])
+                        for x in (nll_sum, nll_n))
+    seconds = time.time() - start
+    logging.info('%s: %d examples in %.1fs (%.1f examples/s)', desc, len(preds), seconds,
+                 len(preds) / max(seconds, 1e-9))
+    return {'predictions': preds, 'references': refs, 'nll': nll_sum / max(nll_n, 1),
+            'explanations': explain, 'examples_per_second': len(preds) / max(seconds, 1e-9)}
 
 
 def _merge_across_processes(local: dict, list_values: bool = False) -> dict:

@@ -14,7 +14,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from absl import logging
-import ml_collections
 import numpy as np
 
 from pplug_jax import export, generation, partitioning, tokenizers
@@ -65,9 +64,8 @@ class PersonaPlugGenerator:
       gen['num_beams'] = num_beams
     if max_new_tokens is not None:
       gen['max_new_tokens'] = max_new_tokens
-    self.config = ml_collections.ConfigDict({
-        'eval': gen, 'llm': {'tokenizer': pc['llm']['tokenizer'], 'path': llm_path}})
-    self.tokenizer = tokenizers.llm_tokenizer(self.config)
+    self.settings = generation.GenerationSettings(**gen)
+    self.tokenizer = tokenizers.load_llm_tokenizer(pc['llm']['tokenizer'], llm_path)
     self.task = lamp.task_spec(pc['task'])
     plug = plug_lib.PersonaPlug(self.encoder.dim, llm_config.d_model, pc['persona_scale'],
                                 pc['instruction_scale'])
@@ -75,8 +73,8 @@ class PersonaPlugGenerator:
     if 'query_encoder' in trainable:
       query_encoder = bert_lib.Bert(self.encoder.config)
     mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
-    self.system = System(self.config, mesh, t5_lib.T5(llm_config), llm_params, plug,
-                         self.encoder.dim, query_encoder, trainable.get('query_encoder'))
+    self.system = System(mesh, partitioning.STANDARD_RULES, t5_lib.T5(llm_config), llm_params,
+                         plug, self.encoder.dim, query_encoder, trainable.get('query_encoder'))
     self.trainable = jax.tree.map(jnp.asarray, trainable)
     self.max_input_length = d['max_input_length']
     self.max_history = d['max_history']
@@ -84,9 +82,11 @@ class PersonaPlugGenerator:
     self.histories: dict[str, np.ndarray] = {}
 
     def fn(trainable, llm_params, batch):
-      embedded, mask = self.system.inputs(trainable, llm_params, batch)
+      embedded, mask = self.system.encoder_inputs(trainable, llm_params, batch)
       _, weights = self.system.soft_tokens(trainable, batch)
-      return generation.decode_tokens(self.system, llm_params, embedded, mask), weights
+      tokens = generation.decode_tokens(self.system.llm, llm_params, embedded, mask,
+                                        self.settings)
+      return tokens, weights
 
     self._generate = jax.jit(fn)
 

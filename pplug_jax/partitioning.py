@@ -116,8 +116,25 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-  """A barrier across processes (a no-op with one process)."""
-  if jax.process_count() > 1:
+_barrier_count = 0
+
+
+def sync(name: str, timeout_s: float = 24 * 3600) -> None:
+  """Waits until every process gets here (a no-op with one process).
+
+  A barrier in the coordination service's key-value store, not a device collective: one process
+  may be busy for a long time first (precompute, the demo's base model), which a collective
+  would time out on (gloo gives up after 30 s).
+  """
+  global _barrier_count
+  if jax.process_count() == 1:
+    return
+  _barrier_count += 1
+  from jax._src import distributed  # the client jax.distributed.initialize() made
+  client = distributed.global_state.client
+  if client is None:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f'pplug_jax/{_barrier_count}/{name.replace(" ", "_")}',
+                         int(timeout_s * 1000))

@@ -16,12 +16,13 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pplug_jax import cli, tokenizers
+from pplug_jax import cli, partitioning, tokenizers
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import ConfigError, RecordsError
 from pplug_jax.models import hf_weights
@@ -157,7 +158,9 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
     raise RecordsError(f'{config.encoder.path}: config.json says hidden_size {current["dim"]}, '
                        f'the weights give {encoder.dim}.')
   meta = verify_records(config, out_dir, current) or {'fingerprint': current, 'splits': {}}
-  records.write_metadata(out_dir, meta)
+  main_process, pi, pc = jax.process_index() == 0, jax.process_index(), jax.process_count()
+  if main_process:  # process 0 writes the metadata; each process encodes its own shards
+    records.write_metadata(out_dir, meta)
   stats = {'items_encoded': 0, 'item_ids_reused_with_other_text': 0}
   shards_done = 0
   start = time.time()
@@ -176,11 +179,12 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
         'empty_histories': sum(not e.profile for e in examples),
         'truncated_histories': sum(len(e.profile) > config.data.max_history for e in examples),
         'has_outputs': ofile is not None}
-    records.write_metadata(out_dir, meta)
+    if main_process:
+      records.write_metadata(out_dir, meta)
     for shard, rows in enumerate(parts):
       path = records.shard_path(out_dir, split, shard, n)
-      if os.path.exists(path):
-        continue  # finished earlier
+      if shard % pc != pi or os.path.exists(path):
+        continue  # another process's, or finished earlier
       if stop_after_shards is not None and shards_done >= stop_after_shards:
         return meta
       shard_examples = [examples[i] for i in rows]
@@ -207,19 +211,23 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
       os.replace(path + '.tmp', path)
       shards_done += 1
       logging.info('%s: wrote %s (%d examples)', split, path, len(rows))
+  partitioning.sync('precompute done')
   elapsed = time.time() - start
-  meta['stats'] = dict(stats, seconds=round(elapsed, 2),
+  meta['stats'] = dict(stats, processes=pc, seconds=round(elapsed, 2),
                        items_per_second=round(stats['items_encoded'] / max(elapsed, 1e-9), 1))
   if stats['item_ids_reused_with_other_text']:
     logging.info('%d profile items reuse another item\'s id with other text; items are keyed by '
                  'their text, so each keeps its own embedding.',
                  stats['item_ids_reused_with_other_text'])
-  records.write_metadata(out_dir, meta)
+  if main_process:
+    records.write_metadata(out_dir, meta)
+  partitioning.sync('precompute metadata')
   return meta
 
 
 def main(argv):
   del argv
+  partitioning.maybe_initialize_distributed()
   meta = run(flags.FLAGS.config, flags.FLAGS.workdir)
   logging.info('precompute done: %s', meta.get('stats'))
   print(meta.get('stats'))

@@ -11,7 +11,8 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
-from pplug_jax import decoding, partitioning
+from pplug_jax import partitioning
+from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert as bert_lib
 from pplug_jax.models import hf_weights, plug as plug_lib, t5 as t5_lib
 from pplug_jax.models.t5 import as_dtype
@@ -22,8 +23,8 @@ Batch = dict[str, jax.Array]
 @dataclasses.dataclass
 class System:
   """The frozen backbone (sharded), the plug module, and the trainable-parameter initialiser."""
-  config: Any
   mesh: Mesh
+  rules: tuple  # logical axis rules of the mesh
   llm: t5_lib.T5
   llm_params: dict
   plug: plug_lib.PersonaPlug
@@ -53,7 +54,7 @@ class System:
     return self.plug.apply({'params': trainable['plug']}, query, batch['history'],
                            batch['history_mask'])
 
-  def inputs(self, trainable: dict | None, llm_params: dict, batch: Batch,
+  def encoder_inputs(self, trainable: dict | None, llm_params: dict, batch: Batch,
              persona: bool = True) -> tuple[jax.Array, jax.Array]:
     """Encoder input embeddings and mask; trainable=None is the plain frozen model."""
     soft = None
@@ -66,7 +67,7 @@ class System:
 
   def loss(self, trainable: dict | None, llm_params: dict, batch: Batch) -> jax.Array:
     """Mean target-token NLL; rows with valid == 0 (eval padding) do not count."""
-    embedded, mask = self.inputs(trainable, llm_params, batch)
+    embedded, mask = self.encoder_inputs(trainable, llm_params, batch)
     return self.loss_from_inputs(llm_params, embedded, mask, batch)
 
   def loss_from_inputs(self, llm_params: dict, embedded: jax.Array, mask: jax.Array,
@@ -75,11 +76,6 @@ class System:
     if 'valid' in batch:
       tmask = tmask * batch['valid'][..., None]
     return plug_lib.sequence_nll(self.llm, llm_params, embedded, mask, batch['target_ids'], tmask)
-
-  def generate(self, trainable: dict | None, llm_params: dict, batch: Batch,
-               max_new_tokens: int) -> jax.Array:
-    embedded, mask = self.inputs(trainable, llm_params, batch)
-    return decoding.greedy(self.llm, llm_params, embedded, mask, max_new_tokens)
 
 
 def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
@@ -98,11 +94,10 @@ def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
                                                pooling=config.encoder.pooling,
                                                normalize=config.encoder.normalize)
     if bconf.hidden_size != encoder_dim:
-      raise ValueError(f'config.encoder.path has dim {bconf.hidden_size}, records {encoder_dim}.')
+      raise ConfigError(f'config.encoder.path={config.encoder.path!r} has dim {bconf.hidden_size}, '
+                      f'the records {encoder_dim}: use the encoder the records were made with.')
     query_encoder = bert_lib.Bert(bconf)
-  elif config.encoder.mode != 'frozen':
-    raise ValueError(f"config.encoder.mode={config.encoder.mode!r}: use 'frozen' or 'finetune'.")
-  return System(config, mesh, llm, llm_params, plug, encoder_dim, query_encoder, query_params)
+  return System(mesh, rules, llm, llm_params, plug, encoder_dim, query_encoder, query_params)
 
 
 def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, Any]:

@@ -31,13 +31,18 @@ def load_tokenizer(path: str) -> Any:
 
 def llm_tokenizer(config) -> Any:
   """config.llm.tokenizer: 'byte' (ByT5 bytes, needs no files) or a directory; '' = llm.path."""
-  name = config.llm.tokenizer or config.llm.path
+  return load_llm_tokenizer(config.llm.tokenizer, config.llm.path)
+
+
+def load_llm_tokenizer(tokenizer: str, llm_path: str) -> Any:
+  """'byte' is the ByT5 byte tokenizer; a directory is loaded (and checked); '' means llm_path."""
+  name = tokenizer or llm_path
   if name == 'byte':
     from transformers import ByT5Tokenizer
     return ByT5Tokenizer(extra_ids=0)
   if not name:
     raise UserError('config.llm.path is empty: download FlanT5 (e.g. google/flan-t5-xxl) as a '
-                     'Hugging Face directory and set --config.llm.path=DIR.')
+                    'Hugging Face directory and set --config.llm.path=DIR.')
   return load_tokenizer(name)
 
 

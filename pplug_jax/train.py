@@ -72,11 +72,13 @@ def prepare_records(config, workdir: str, rdir: str) -> dict[str, Any]:
   except RecordsError:
     if not config.data.rebuild_records:
       raise
-    logging.warning('%s: records made from other inputs; deleting %d files to rebuild them '
-                    '(config.data.rebuild_records).', rdir, precompute.delete_records(rdir))
+    if partitioning.is_main_process():
+      logging.warning('%s: records made from other inputs; deleting %d files to rebuild them '
+                      '(config.data.rebuild_records).', rdir, precompute.delete_records(rdir))
+    partitioning.sync('records deleted')
   if not _records_complete(rdir):
     logging.info('Precomputing encoder embeddings into %s', rdir)
-    precompute.run(config, workdir)
+    precompute.run(config, workdir)  # each process encodes its own shards
   return records.read_metadata(rdir)
 
 
@@ -98,8 +100,10 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     demo.prepare(config, workdir)
   rdir = check_inputs(config, workdir)
   validation.check_splits(config, rdir)
+  config.data.num_streams = pipeline.num_streams(config)  # recorded: it fixes the data order
   checkpoints.check_resume_config(workdir, config)
-  checkpoints.save_config(workdir, config)
+  if partitioning.is_main_process():
+    checkpoints.save_config(workdir, config)
   meta = prepare_records(config, workdir, rdir)
   spec = lamp.task_spec(config.task)
   mesh = partitioning.make_mesh(config.mesh_shape)
@@ -166,30 +170,36 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                      'generated_code_size_in_bytes')))
 
   # ---------------------------------------------------------------- evaluation
+  generator = generation.SplitGenerator(system, config)  # compiled once, reused by every eval
+
   def evaluate(trainable, persona=True, desc='dev'):
-    out = generation.generate_split(system, trainable, rdir, 'dev', config.train.eval_batch_size,
-                                    persona=persona, max_batches=config.train.max_eval_batches,
-                                    desc=desc)
+    out = generator.generate_split(trainable, rdir, 'dev', config.train.eval_batch_size,
+                                   persona=persona, max_batches=config.train.max_eval_batches,
+                                   desc=desc)
     return generation.score(spec.name, out)
 
   def score_of(m):  # larger is better, for the best checkpoint
     return m[spec.main_metric] if spec.metric_mode == 'max' else -m[spec.main_metric]
 
   # ---------------------------------------------------------------- train loop
-  writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  main_process = partitioning.is_main_process()
+  writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), write_to_disk=main_process)
   local_batch = per_step // jax.process_count()
-  batches = pipeline.train_batches(config, rdir, local_batch, skip_batches=data_batches)
+  batches = pipeline.train_batches(config, rdir, local_batch, skip_batches=data_batches,
+                                   accum=accum)
   logging.info('Training %d steps (%d examples per epoch incl. augmentation, %d per step) from '
                'step %d', total_steps, n_train, per_step, start_step)
-  bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step', mininterval=5)
+  bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step', mininterval=5,
+             disable=not main_process)
   t0, seen, pending, last_eval = time.time(), 0, None, {}
   step = start_step
   while step < total_steps:
     try:
       batch = next(batches)
-    except StopIteration:
-      logging.warning('Data ran out at step %d of %d.', step, total_steps)
-      break
+    except StopIteration:  # the data repeats endlessly, so only empty shards can end it
+      raise RecordsError(f'{rdir}: process {jax.process_index()} has no training examples in '
+                         'its shard files; make the records with more examples than '
+                         'config.data.num_shards.') from None
     local = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()
              if v.dtype.kind not in 'SUO'}
     global_batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k])
@@ -240,8 +250,9 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                              'synthetic_info.json')
     with open(info_file) as f:
       result['best_non_personalised_accuracy'] = json.load(f)['best_non_personalised_accuracy']
-    _print_demo_table(result, spec.main_metric)
-  if jax.process_index() == 0:
+    if main_process:
+      _print_demo_table(result, spec.main_metric)
+  if main_process:
     with open(os.path.join(workdir, 'train_result.json'), 'w') as f:
       json.dump(result, f, indent=1)
   return result

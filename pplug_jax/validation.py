@@ -56,6 +56,7 @@ def _problems_of_values(c) -> list[str]:
   need(c.data.augment_copies >= 0, 'data.augment_copies', 'must be >= 0 (0 = off)')
   need(0 <= c.data.augment_max_drop < 1, 'data.augment_max_drop', 'must be in [0, 1)')
   need(c.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
+  need(c.data.num_streams >= 0, 'data.num_streams', 'must be >= 0 (0 = one per process)')
   one_of('data.embedding_dtype', EMBEDDING_DTYPES)
   one_of('encoder.mode', ENCODER_MODES)
   one_of('encoder.pooling', bert.POOLINGS)
@@ -91,9 +92,13 @@ def _problems_with_devices(c, num_devices: int, process_count: int) -> list[str]
     p.append(f'config.train.eval_batch_size={c.train.eval_batch_size} (per process): '
              f'{process_count} processes x it must be a multiple of the data-parallel size '
              f'{data}.')
-  if c.data.num_shards > 0 and c.data.num_shards < process_count:
-    p.append(f'config.data.num_shards={c.data.num_shards}: needs at least one shard per process '
-             f'({process_count}).')
+  streams = c.data.num_streams or process_count
+  if c.data.num_streams > 0 and (streams % process_count or c.optim.batch_size % streams):
+    p.append(f'config.data.num_streams={streams}: must be a multiple of the {process_count} '
+             f'processes and divide config.optim.batch_size={c.optim.batch_size}.')
+  if 0 < c.data.num_shards < streams:
+    p.append(f'config.data.num_shards={c.data.num_shards}: needs at least one shard per data '
+             f'stream ({streams}: one per process unless config.data.num_streams is set).')
   return p
 
 

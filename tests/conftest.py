@@ -1,6 +1,8 @@
 """Shared fixtures: tiny Hugging Face models on disk (torch is only the oracle)."""
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -8,6 +10,23 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from hf_fixtures import save_tiny_bert, save_tiny_t5  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_cmd(workdir, *overrides):
+  return [sys.executable, '-m', 'pplug_jax.train', '--config', 'configs/lamp.py:demo',
+          f'--workdir={workdir}', *overrides]
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('demo')
+  proc = subprocess.run(train_cmd(workdir), cwd=ROOT, capture_output=True, text=True,
+                        timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  with open(workdir / 'train_result.json') as f:
+    return workdir, json.load(f), proc.stdout
 
 
 @pytest.fixture(scope='session')

@@ -408,3 +408,14 @@ def test_a_second_train_in_a_busy_workdir_exits_2(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert f'is in use by train (pid {os.getpid()}' in proc.stderr
   assert not (tmp_path / 'demo').exists()
+
+
+@pytest.mark.parametrize('key', ['llm.path', 'encoder.path', 'data.lamp_dir'])
+def test_demo_refuses_every_path_it_did_not_make(tmp_path, key):
+  from pplug_jax import demo
+  config = lamp_config.get_config('demo')
+  section, name = key.split('.')
+  config[section][name] = str(tmp_path / 'users_own')
+  with pytest.raises(ConfigError, match=f"refuses config.{key}="):
+    demo.prepare(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()

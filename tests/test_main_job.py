@@ -13,22 +13,7 @@ import pytest
 
 from pplug_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _train_cmd(workdir, *overrides):
-  return [sys.executable, '-m', 'pplug_jax.train', '--config', 'configs/lamp.py:demo',
-          f'--workdir={workdir}', *overrides]
-
-
-@pytest.fixture(scope='module')
-def demo_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('demo')
-  proc = subprocess.run(_train_cmd(workdir), cwd=ROOT, capture_output=True, text=True,
-                        timeout=1200)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  with open(workdir / 'train_result.json') as f:
-    return workdir, json.load(f), proc.stdout
+from conftest import ROOT, train_cmd as _train_cmd
 
 
 def test_demo_learns_and_beats_the_non_personalised_model(demo_run):
@@ -228,3 +213,30 @@ def test_readme_inference_snippet_runs_as_written_on_the_demo_export(demo_run, t
   scope: dict = {}
   exec(compile(code, 'README.md', 'exec'), scope)
   assert scope['outputs'] == ['sci-fi', 'comedy']  # the same prompt, each user's own genre
+
+
+def test_evaluations_after_the_first_compile_nothing(demo_run):
+  """A SplitGenerator compiles its generation once; later evaluations reuse it."""
+  import jax
+  from jax import monitoring
+  from pplug_jax import checkpoints, generation, partitioning, system as system_lib
+  from pplug_jax.data import records
+  workdir, _, _ = demo_run
+  config = _demo_config(workdir)
+  config.eval.num_beams = 2  # beam search: the costly compile
+  trainable, _ = checkpoints.load_params(str(workdir), 'best')
+  rdir = os.path.join(str(workdir), 'records')
+  mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
+  system = system_lib.load_system(config, records.read_metadata(rdir)['fingerprint']['dim'], mesh)
+  generator = generation.SplitGenerator(system, config)
+  compiles = []
+  monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: compiles.append(event)
+      if event == '/jax/core/compile/backend_compile_duration' else None)
+  first = generator.generate_split(trainable, rdir, 'dev', 40, max_batches=2)
+  after_first = len(compiles)
+  second = generator.generate_split(trainable, rdir, 'dev', 40, max_batches=2)
+  assert after_first > 0  # the listener sees compiles
+  assert len(compiles) == after_first, compiles[after_first:]
+  assert generator.jitted(True)._cache_size() == 1
+  assert first['predictions'] == second['predictions'] and len(first['predictions']) == 80

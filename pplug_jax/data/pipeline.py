@@ -1,6 +1,6 @@
 """tf.data over precomputed records -> fixed-shape batches -> global jax.Arrays.
 
-Training: per-process files, seeded shuffles, repeat by epochs, the reference's history
+Training: per-process files, seeded shuffles, endless repetition, the reference's history
 augmentation done on the fly, drop-remainder batches, and `skip_batches` to resume.
 Evaluation: every example exactly once; the last batch (and any batch a process needs to keep
 step with the others) is padded with `valid == 0` rows.
@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from pplug_jax.data import records
-from pplug_jax.errors import RecordsError
+from pplug_jax.errors import ConfigError, RecordsError
 
 Batch = dict[str, np.ndarray]
 
@@ -141,24 +141,60 @@ def _parsed(files: list[str], meta: dict[str, Any]) -> tf.data.Dataset:
                                             num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def num_streams(config, process_count: int | None = None) -> int:
+  """How many data streams make a global batch: config.data.num_streams, 0 = one per process."""
+  pc = jax.process_count() if process_count is None else process_count
+  return int(config.data.num_streams) or pc
+
+
 def train_batches(config, records_dir: str, local_batch_size: int, skip_batches: int = 0,
                   split: str = 'train', process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[Batch]:
-  """Endless-until-epochs iterator of numpy training batches for this process."""
+                  process_count: int | None = None, accum: int = 1) -> Iterator[Batch]:
+  """Endless iterator of this process's numpy training batches, reshuffled every pass.
+
+  The global batch is made of `num_streams` streams, each over its own shard files
+  (files[s::num_streams]) with its own seed; a process concatenates its share of them. The data
+  order is therefore a function of num_streams alone: a run on fewer processes with the same
+  num_streams sees exactly the batches of a run on more. With `accum` micro-batches per batch,
+  each micro-batch takes its share of every stream, as it would across processes.
+  """
   meta = records.read_metadata(records_dir)
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  files = _process_files(records.split_shards(records_dir, split), pi, pc, records_dir)
-  seed = config.seed + pi
+  streams = num_streams(config, pc)
+  per_process = streams // pc
+  if streams % pc or local_batch_size % per_process:
+    raise ConfigError(f'config.data.num_streams={streams}: must be a multiple of the {pc} '
+                      f'processes, and each process\'s batch ({local_batch_size}) a multiple of '
+                      f'its {per_process} streams.')
+  files = records.split_shards(records_dir, split)
+  if len(files) < streams:
+    raise RecordsError(f'{records_dir}: {len(files)} {split} shard files for {streams} data '
+                       'streams (one per process unless config.data.num_streams is set); '
+                       'precompute with config.data.num_shards >= that into a new records_dir.')
+  mine = [_stream(config, meta, files[s::streams], config.seed + s,
+                  local_batch_size // per_process, skip_batches)
+          for s in range(pi * per_process, (pi + 1) * per_process)]
+  if len(mine) == 1:
+    yield from mine[0]
+    return
+  for parts in zip(*mine):
+    yield {k: np.concatenate([p[k].reshape((accum, -1) + p[k].shape[1:]) for p in parts],
+                             axis=1).reshape((-1,) + parts[0][k].shape[1:]) for k in parts[0]}
+
+
+def _stream(config, meta: dict[str, Any], files: list[str], seed: int, batch_size: int,
+            skip_batches: int) -> Iterator[Batch]:
+  """One stream's endless, seeded, augmented, padded batches."""
   ds = _parsed(files, meta)
   ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  ds = ds.repeat(config.optim.epochs)
+  ds = ds.repeat()  # endless: every process stops on the same step count, none runs out first
   if config.data.augment_copies > 0:
     expand, apply = _augment(config.data.augment_copies, config.data.augment_max_drop, seed)
     ds = ds.flat_map(expand).enumerate().map(apply)
     ds = ds.shuffle(config.data.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=False)
   ds = ds.map(lambda ex: pad_example(ex, config), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch_size, drop_remainder=True).skip(skip_batches)
+  ds = ds.batch(batch_size, drop_remainder=True).skip(skip_batches)
   ds = ds.prefetch(config.data.prefetch)
   yield from _numpy(ds, files)
 
