@@ -57,8 +57,15 @@ class SplitGenerator:
     self.system = system
     self.config = config  # the data settings of the records (lengths, history size)
     self.settings = settings or GenerationSettings.from_config(config)
-    self.tokenizer = tokenizers.llm_tokenizer(config)
+    self._tokenizer = None
     self._fns: dict[bool, Callable] = {}
+
+  @property
+  def tokenizer(self) -> Any:
+    """The LLM tokenizer, loaded once on first use (planning compiles need none)."""
+    if self._tokenizer is None:
+      self._tokenizer = tokenizers.llm_tokenizer(self.config)
+    return self._tokenizer
 
   def jitted(self, persona: bool = True) -> Callable:
     """jit(trainable, llm_params, batch) -> (tokens, mean NLL, history weights), built once."""

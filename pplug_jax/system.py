@@ -138,6 +138,56 @@ def make_train_step(system: System, tx: optax.GradientTransformation):
   return step
 
 
+def init_state_fn(system: System, tx: optax.GradientTransformation, seed: int):
+  """() -> the initial train state {step, params, opt_state}; jit it or eval_shape it."""
+
+  def init_state():
+    params = system.init_trainable(seed)
+    return {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
+
+  return init_state
+
+
+def compile_train_step(system: System, tx: optax.GradientTransformation, abstract_state,
+                       config) -> tuple[Any, Any, dict]:
+  """AOT-compiles the train step for the config's batch shapes on the system's mesh.
+
+  Returns (compiled step, state sharding, batch sharding). `system.llm_params` may be abstract
+  (ShapeDtypeStructs with shardings), which is how `pplug_jax.aot` plans for TPUs it lacks.
+  """
+  from pplug_jax.data import pipeline
+  mesh, rules = system.mesh, system.rules
+  micro, accum = config.optim.batch_size, config.optim.grad_accum
+  state_sharding = replicated_like(abstract_state, mesh)
+  shapes = pipeline.shapes(config, system.encoder_dim)
+  batch_sharding = {k: accum_sharding(mesh, rules, 2 + len(s)) for k, s in shapes.items()}
+  step_fn = jax.jit(make_train_step(system, tx),
+                    in_shardings=(state_sharding,
+                                  jax.tree.map(lambda x: x.sharding, system.llm_params),
+                                  batch_sharding),
+                    out_shardings=(state_sharding, None), donate_argnums=(0,))
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract_state, state_sharding)
+  batch = {k: jax.ShapeDtypeStruct((accum, micro) + s,
+                                   jnp.float32 if pipeline.is_float(k) else jnp.int32,
+                                   sharding=batch_sharding[k]) for k, s in shapes.items()}
+  return step_fn.lower(state, system.llm_params, batch).compile(), state_sharding, batch_sharding
+
+
+def memory_summary(compiled) -> dict[str, float]:
+  """Per-device memory of a compiled function in GiB (XLA's AOT memory analysis)."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  get = lambda k: getattr(mem, k, 0) / 2**30
+  out = {'arguments': get('argument_size_in_bytes'), 'outputs': get('output_size_in_bytes'),
+         'aliased': get('alias_size_in_bytes'), 'temporaries': get('temp_size_in_bytes'),
+         'code': get('generated_code_size_in_bytes')}
+  out['total'] = (out['arguments'] + out['outputs'] - out['aliased'] + out['temporaries'] +
+                  out['code'])
+  return out
+
+
 def accum_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
   """[accum, batch, ...]: accumulation axis replicated, batch as the rules say."""
   spec = nn.logical_to_mesh_axes((None, 'batch') + (None,) * (ndim - 2), tuple(rules))

@@ -130,12 +130,15 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tx, schedule = system_lib.build_optimizer(config, total_steps)
 
   # ---------------------------------------------------------------- state: init or resume
-  def init_state():
-    params = system.init_trainable(config.seed)
-    return {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
-
+  init_state = system_lib.init_state_fn(system, tx, config.seed)
   abstract = jax.eval_shape(init_state)
-  state_sharding = system_lib.replicated_like(abstract, mesh)
+  compiled, state_sharding, batch_sharding = system_lib.compile_train_step(system, tx, abstract,
+                                                                           config)
+  mem = system_lib.memory_summary(compiled)
+  if mem:
+    logging.info('Train step memory per device (AOT): arguments %.1f MiB, outputs %.1f MiB, '
+                 'temporaries %.1f MiB, generated code %.1f MiB',
+                 *(mem[k] * 1024 for k in ('arguments', 'outputs', 'temporaries', 'code')))
   manager, best = checkpoints.managers(workdir, config.train.keep_checkpoints)
   latest = manager.latest_step()
   if latest is not None:
@@ -148,26 +151,6 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state = jax.jit(init_state, out_shardings=state_sharding)()
     data_batches = 0
   start_step = int(state['step'])
-
-  batch_shapes = pipeline.shapes(config, system.encoder_dim)
-  batch_sharding = {k: system_lib.accum_sharding(mesh, rules, 2 + len(s))
-                    for k, s in batch_shapes.items()}
-  step_fn = jax.jit(system_lib.make_train_step(system, tx),
-                    in_shardings=(state_sharding,
-                                  jax.tree.map(lambda x: x.sharding, system.llm_params),
-                                  batch_sharding),
-                    out_shardings=(state_sharding, None), donate_argnums=(0,))
-  abstract_batch = {k: jax.ShapeDtypeStruct(
-      (accum, micro) + s, jnp.float32 if pipeline.is_float(k) else jnp.int32,
-      sharding=batch_sharding[k]) for k, s in batch_shapes.items()}
-  compiled = step_fn.lower(state, system.llm_params, abstract_batch).compile()
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    logging.info('Train step memory (AOT): arguments %.1f MiB, outputs %.1f MiB, temporaries '
-                 '%.1f MiB, generated code %.1f MiB',
-                 *(getattr(mem, k, 0) / 2**20 for k in (
-                     'argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
-                     'generated_code_size_in_bytes')))
 
   # ---------------------------------------------------------------- evaluation
   generator = generation.SplitGenerator(system, config)  # compiled once, reused by every eval
@@ -203,7 +186,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     local = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()
              if v.dtype.kind not in 'SUO'}
     global_batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k])
-                    for k in batch_shapes}
+                    for k in batch_sharding}
     state, metrics = compiled(state, system.llm_params, global_batch)
     if pending is not None:  # check the previous step's loss without stalling this one
       _check_finite(*pending)

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# With the [tpu] extra installed, libtpu must change nothing here: the tests run on the CPU.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from hf_fixtures import save_tiny_bert, save_tiny_t5  # noqa: E402
 

@@ -1,0 +1,48 @@
+"""The README's TPU table: `pplug_jax.aot` plans for FlanT5 sizes x TPU topologies.
+
+    python scripts/plan_table.py [--sizes base,xl,xxl] [--topologies v4:2x2x1,v5e:2x4] [--task 2]
+
+Large models use a model-parallel mesh (1, N), small ones a data-parallel mesh (N, 1); each cell
+is the train step's memory per device, whether it fits, and its step-time lower bound at peak.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import lamp as lamp_config  # noqa: E402
+from pplug_jax import aot  # noqa: E402
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--sizes', default='base,large,xl,xxl')
+  parser.add_argument('--topologies', default='v4:2x2x1,v5e:2x4,v5p:2x2x1,v6e:2x4')
+  parser.add_argument('--task', type=int, default=2)
+  args = parser.parse_args()
+  topologies = args.topologies.split(',')
+  print('| FlanT5 (train step, LaMP-%d shapes) | ' % args.task + ' | '.join(topologies) + ' |')
+  print('|---|' + '---|' * len(topologies))
+  for size in args.sizes.split(','):
+    cells = []
+    for topology in topologies:
+      config = lamp_config.get_config(f'task={args.task},size={size}')
+      n = len(aot.topology_devices(topology))
+      mesh = (1, n) if size in ('xl', 'xxl') else (n, 1)
+      try:
+        p = aot.plan(config, topology, mesh)
+      except Exception as e:  # a mesh that cannot split this model, say
+        cells.append(f'error: {str(e).splitlines()[0][:60]}')
+        continue
+      t = p['train_step']
+      cells.append(f'{t["per_chip_gib"]:.1f} GiB {"fits" if t["fits"] else "**no**"}, '
+                   f'mesh {tuple(p["mesh"])}, >= {t["step_time_lower_bound_s"]:.2f} s')
+      print(f'{size} {topology}: {aot.format_plan(p)}', file=sys.stderr, flush=True)
+    print(f'| {size} | ' + ' | '.join(cells) + ' |', flush=True)
+
+
+if __name__ == '__main__':
+  main()
