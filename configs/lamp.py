@@ -120,6 +120,12 @@ def get_config(arg=None):
   c.eval.explain_top_k = 5     # evaluate writes the top-k history items per example
   c.eval.max_new_tokens = c.data.max_target_length
 
+  c.rag = ml_collections.ConfigDict()  # the retrieval baselines (python -m pplug_jax.baselines)
+  c.rag.k = 4                   # PPlug's RAG setting (LaMP's script default is 1)
+  c.rag.max_length = 512        # LLM input tokens of a RAG prompt (LaMP's default is 256)
+  c.rag.retriever_path = ''     # Contriever's directory (facebook/contriever), for 'contriever'
+  c.rag.retriever_pooling = 'mean'
+
   c.mesh_shape = (-1, 1)        # (data, model); -1 = all remaining devices
   c.logical_axis_rules = partitioning.STANDARD_RULES
 

@@ -78,15 +78,22 @@ class System:
     return plug_lib.sequence_nll(self.llm, llm_params, embedded, mask, batch['target_ids'], tmask)
 
 
-def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
-  """Loads the frozen LLM straight into its sharding and builds the plug for it."""
+def load_llm(config, mesh: Mesh) -> tuple[t5_lib.T5, dict]:
+  """The frozen LLM of config.llm, loaded straight into its sharding on `mesh`."""
   rules = tuple(config.logical_axis_rules)
   overrides = dict(remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers)
   llm_config, llm_params = hf_weights.load_t5(
       config.llm.path, dtype=as_dtype(config.llm.param_dtype),
       shardings=lambda boxed: partitioning.logical_shardings(boxed, mesh, rules), **overrides)
   llm_config = dataclasses.replace(llm_config, dtype=as_dtype(config.llm.dtype))
-  llm = t5_lib.T5(llm_config)
+  return t5_lib.T5(llm_config), llm_params
+
+
+def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
+  """Loads the frozen LLM straight into its sharding and builds the plug for it."""
+  rules = tuple(config.logical_axis_rules)
+  llm, llm_params = load_llm(config, mesh)
+  llm_config = llm.config
   plug = plug_lib.make_plug(config, encoder_dim, llm_config)
   query_encoder = query_params = None
   if config.encoder.mode == 'finetune':

@@ -1,0 +1,113 @@
+"""Retrieval-based personalisation as LaMP does it: per-task query and corpus, then a ranker.
+
+Follows LaMP-Benchmark/LaMP (`LaMP/prompts/prompts.py`, `utils.py`, `rank_profiles.py`):
+
+| task | query | corpus item |
+|---|---|---|
+| 1 | the 2nd and 3rd quoted strings of the input | `title abstract` |
+| 2 | text after `description:` | description |
+| 3 | text after `review:` | text |
+| 4 | text after `article:` | `title text` |
+| 5 | text after `paper:` | `title abstract` |
+| 6 | text after the first `:` | text |
+| 7 | text after the first `:` | text |
+
+Rankers: BM25 (`rank_bm25.BM25Okapi` over whitespace tokens, `get_top_n` order, ties as numpy's
+argsort leaves them), recency (by the date's integer tuple, newest first), Contriever (masked
+mean pooling, unnormalised dot product) and random (`random.choices`, with replacement, as LaMP).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pplug_jax.data import lamp
+
+METHODS = ('bm25', 'recency', 'contriever', 'random')
+
+# The profile fields each task's RAG prompt and corpus read (dates for recency).
+REQUIRED_FIELDS = {
+    'LaMP_1': ('title', 'abstract'), 'LaMP_2': ('description', 'tag'),
+    'LaMP_3': ('text', 'score'), 'LaMP_4': ('title', 'text'), 'LaMP_5': ('title', 'abstract'),
+    'LaMP_6': ('title', 'text'), 'LaMP_7': ('text',),
+}
+
+
+def task_name(task: Any) -> str:
+  """'LaMP_2', 'LaMP-2', '2' or 2 -> 'LaMP_2'."""
+  return lamp.task_spec(task).name
+
+
+def quoted_strings(text: str) -> list[str]:
+  """The strings between successive pairs of double quotes (an unclosed one is dropped)."""
+  parts = text.split('"')
+  return [parts[i] for i in range(1, len(parts) - 1, 2)]
+
+
+def _after(marker: str) -> Callable[[str], str | None]:
+  def extract(text: str) -> str | None:
+    i = text.find(marker)
+    return None if i < 0 else text[i + len(marker):].strip()
+  return extract
+
+
+def _citation_query(text: str) -> str | None:
+  quoted = quoted_strings(text)
+  return f'{quoted[1]} {quoted[2]}' if len(quoted) >= 3 else None
+
+
+_QUERY = {'LaMP_1': _citation_query, 'LaMP_2': _after('description:'),
+          'LaMP_3': _after('review:'), 'LaMP_4': _after('article:'),
+          'LaMP_5': _after('paper:'), 'LaMP_6': _after(':'), 'LaMP_7': _after(':')}
+_CORPUS = {'LaMP_1': ('title', 'abstract'), 'LaMP_2': ('description',), 'LaMP_3': ('text',),
+           'LaMP_4': ('title', 'text'), 'LaMP_5': ('title', 'abstract'), 'LaMP_6': ('text',),
+           'LaMP_7': ('text',)}
+
+
+def query_and_corpus(task: Any, question_input: str,
+                     profile: Sequence[dict]) -> tuple[str, list[str]]:
+  """LaMP's retrieval query for an input and the corpus text of each profile item."""
+  name = task_name(task)
+  query = _QUERY[name](question_input)
+  if query is None:
+    raise lamp.LampError(f'{name}: cannot find the retrieval query in the input '
+                         f'{question_input[:80]!r} (LaMP would fail here too); is config.task '
+                         'right?')
+  corpus = [' '.join(str(item[f]) for f in _CORPUS[name]) for item in profile]
+  return query, corpus
+
+
+def _date_key(item: dict) -> tuple[int, ...]:
+  return tuple(map(int, str(item['date']).split('-')))
+
+
+def rank_profile(task: Any, question_input: str, profile: Sequence[dict], method: str, k: int,
+                 encoder: Any = None, seed: int = 0) -> list[dict]:
+  """The k profile items LaMP would put in the prompt, best first.
+
+  `encoder` (for 'contriever') is any object with `encode(texts) -> [n, d]`, e.g. a
+  `pplug_jax.models.text_encoder.TextEncoder` over facebook/contriever with mean pooling.
+  """
+  if method not in METHODS:
+    raise ValueError(f'method={method!r}: use one of {METHODS} (or none for no retrieval).')
+  if k < 1:
+    raise ValueError(f'k={k}: retrieve at least one item.')
+  profile = list(profile)
+  if not profile:
+    return []
+  if method == 'recency':
+    return sorted(profile, key=_date_key)[-k:][::-1]
+  if method == 'random':
+    return random.Random(seed).choices(profile, k=k)
+  query, corpus = query_and_corpus(task, question_input, profile)
+  if method == 'bm25':
+    from rank_bm25 import BM25Okapi
+    return BM25Okapi([doc.split() for doc in corpus]).get_top_n(query.split(), profile, n=k)
+  if encoder is None:
+    raise ValueError("method='contriever' needs encoder= (a TextEncoder of facebook/contriever).")
+  scores = encoder.encode(corpus) @ encoder.encode([query])[0]
+  order = np.argsort(-scores, kind='stable')[:k]
+  return [profile[i] for i in order]

@@ -1,0 +1,166 @@
+"""Runs a retrieval baseline (or the plain model) over a LaMP split with the frozen LLM.
+
+Each example's profile is ranked (`rank_profile`), the top k go into LaMP's prompt
+(`rag_prompt`), and the frozen FlanT5 generates with the config's settings (beam 4 for the
+paper), compiled once for one static shape. Predictions and metrics are written in the same
+formats as `evaluate`, to `<workdir>/baselines/<method>_k<k>/`, with the prompts beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from pplug_jax import generation, metrics as metrics_lib, partitioning, tokenizers
+from pplug_jax import system as system_lib
+from pplug_jax.baselines.prompts import rag_prompt
+from pplug_jax.baselines.retrieval import METHODS, REQUIRED_FIELDS, rank_profile
+from pplug_jax.data import lamp
+from pplug_jax.errors import ConfigError
+
+NO_RETRIEVAL = 'none'
+
+
+def method_dir(workdir: str, method: str, k: int) -> str:
+  """Where a baseline's files go: <workdir>/baselines/none or <method>_k<k>."""
+  name = NO_RETRIEVAL if method == NO_RETRIEVAL else f'{method}_k{k}'
+  return os.path.join(workdir, 'baselines', name)
+
+
+def raw_questions(config, split: str) -> tuple[str, list[dict]]:
+  """(questions file, its validated entries as dicts): the prompts need every profile field."""
+  root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
+  qfile, _ = lamp.split_files(root, split)
+  lamp.load_split(config.data.lamp_dir, config.task, split, config.split_type)  # validates
+  with open(qfile, encoding='utf-8') as f:
+    return qfile, json.load(f)
+
+
+def check_fields(task: str, qfile: str, questions: list[dict], method: str) -> None:
+  """Every profile item has the fields the task's prompt (and the ranker) reads."""
+  need = REQUIRED_FIELDS[lamp.task_spec(task).name] + (('date',) if method == 'recency' else ())
+  for q in questions:
+    for item in q['profile']:
+      missing = [f for f in need if item.get(f) is None]
+      if missing:
+        raise lamp.LampError(f'{qfile}: example id {q["id"]}, profile item {item.get("id")}: '
+                             f'missing field(s) {missing}, which the {method} baseline needs.')
+
+
+def build_prompts(config, questions: list[dict], method: str, k: int,
+                  tokenizer: Any, encoder: Any = None) -> tuple[list[str], int]:
+  """The LLM input of every question, and how many had an empty profile (plain input)."""
+  prompts, empty = [], 0
+  for q in tqdm(questions, desc=f'prompts ({method})', unit='example', mininterval=5,
+                disable=jax.process_index() > 0):
+    if not q['profile']:
+      empty += 1
+    if method == NO_RETRIEVAL or not q['profile']:
+      prompts.append(q['input'])
+      continue
+    items = rank_profile(config.task, q['input'], q['profile'], method, k, encoder,
+                         seed=config.seed)
+    prompts.append(rag_prompt(config.task, q['input'], items, tokenizer, config.rag.max_length))
+  return prompts, empty
+
+
+class BaselineGenerator:
+  """The frozen LLM and one jitted generation function for [eval batch, rag.max_length]."""
+
+  def __init__(self, config, mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.mesh = mesh or partitioning.make_mesh(config.mesh_shape)
+    self.rules = tuple(config.logical_axis_rules)
+    self.llm, self.llm_params = system_lib.load_llm(config, self.mesh)
+    self.tokenizer = tokenizers.llm_tokenizer(config)
+    settings = generation.GenerationSettings.from_config(config)
+    llm = self.llm
+
+    def generate(llm_params, ids, mask):
+      from pplug_jax.models import t5 as t5_lib
+      embedded = llm.apply({'params': llm_params}, ids, method=t5_lib.T5.embed)
+      return generation.decode_tokens(llm, llm_params, embedded, mask, settings)
+
+    self._generate = jax.jit(generate)
+
+  def _global(self, x: np.ndarray) -> jax.Array:
+    sharding = partitioning.batch_sharding(self.mesh, self.rules, x.ndim)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  def _host(self, x: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+      return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  def __call__(self, prompts: list[str]) -> list[str]:
+    """Generated text for each prompt (every process passes, and gets, all of them)."""
+    batch = self.config.train.eval_batch_size * jax.process_count()
+    length = self.config.rag.max_length
+    outputs: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch), desc='generate', unit='batch',
+                      mininterval=5, disable=jax.process_index() > 0):
+      chunk = prompts[start:start + batch]
+      enc = self.tokenizer(chunk + [''] * (batch - len(chunk)), truncation=True,
+                           max_length=length, padding='max_length', return_tensors='np')
+      tokens = self._generate(self.llm_params, self._global(enc['input_ids'].astype(np.int32)),
+                              self._global(enc['attention_mask'].astype(np.int32)))
+      texts = self.tokenizer.batch_decode(self._host(tokens), skip_special_tokens=True)
+      outputs.extend(t.strip() for t in texts[:len(chunk)])
+    return outputs
+
+
+def run(config, workdir: str, method: str, k: int, split: str = 'dev',
+        generator: BaselineGenerator | None = None, encoder: Any = None) -> dict[str, Any]:
+  """One baseline over a split; writes predictions, metrics and prompts; returns the metrics."""
+  if method != NO_RETRIEVAL and method not in METHODS:
+    raise ConfigError(f'--method={method!r}: use one of {(NO_RETRIEVAL,) + METHODS}.')
+  if k < 1:
+    raise ConfigError(f'--k={k}: retrieve at least one item.')
+  spec = lamp.task_spec(config.task)
+  qfile, questions = raw_questions(config, split)
+  check_fields(spec.name, qfile, questions, method)
+  if method == 'contriever' and encoder is None:
+    if not config.rag.retriever_path:
+      raise ConfigError("config.rag.retriever_path is empty: method 'contriever' needs a "
+                        'Hugging Face directory of facebook/contriever.')
+    from pplug_jax.models.text_encoder import TextEncoder
+    encoder = TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False)
+  generator = generator or BaselineGenerator(config)
+  start = time.time()
+  prompts, empty = build_prompts(config, questions, method, k, generator.tokenizer, encoder)
+  outputs = generator(prompts)
+  ids = [q['id'] for q in questions]
+  result: dict[str, Any] = {'method': method, 'k': None if method == NO_RETRIEVAL else k,
+                            'split': split, 'count': len(ids), 'empty_profiles': empty,
+                            'seconds': round(time.time() - start, 1)}
+  golds = {}
+  if split != 'test':
+    golds = {e.id: e.output for e in lamp.load_split(config.data.lamp_dir, spec.name, split,
+                                                     config.split_type)}
+    result.update(metrics_lib.lamp_metrics(spec.name, outputs, [golds[i] for i in ids]))
+  out = method_dir(workdir, method, k)
+  if jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, f'predictions_{split}.json'),
+                {'task': spec.name, 'golds': [{'id': i, 'output': o}
+                                              for i, o in zip(ids, outputs)]})
+    _write_json(os.path.join(out, f'prompts_{split}.json'), dict(zip(ids, prompts)))
+    if golds:
+      _write_json(os.path.join(out, f'metrics_{split}.json'), result)
+  logging.info('%s (k=%s) on %s: %s', method, k, split, result)
+  return result
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=1, ensure_ascii=False)
+  os.replace(tmp, path)

@@ -1,0 +1,176 @@
+"""Lays out PPlug and the baselines in the shape of the paper's Table 1.
+
+    python -m pplug_jax.table --workdir W [--workdirs W1 W2 ...] [--split dev] [--paper] [--out D]
+
+Rows are task x metric, columns are methods (Ad-hoc, BM25, Recency, Contriever, ..., PPlug); the
+best value of a row is bold, and each metric carries its direction (↑ or ↓). PPlug's metrics come
+from `metrics_<split>.json` (evaluate) or `train_result.json`; each baseline's from
+`baselines/<method>/metrics_<split>.json`. Writes table1.md and table1.png (into --out, default
+the first workdir). --paper adds the paper's FlanT5-XXL numbers in brackets, for real-data runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import flags
+
+from pplug_jax import cli
+from pplug_jax.data import lamp
+from pplug_jax.errors import UserError
+
+COLUMNS = ('Ad-hoc', 'BM25', 'Recency', 'Contriever', 'Random', 'ROPG-RL', 'ROPG-KD', 'RSPG-Pre',
+           'RSPG-Post', 'PPlug')
+METRICS = {  # task -> (metric key, label, higher is better)
+    'LaMP_1': (('accuracy', 'Accuracy', True),),
+    'LaMP_2': (('accuracy', 'Accuracy', True), ('f1', 'F1', True)),
+    'LaMP_3': (('mae', 'MAE', False), ('rmse', 'RMSE', False)),
+    'LaMP_4': (('rouge-1', 'ROUGE-1', True), ('rouge-L', 'ROUGE-L', True)),
+    'LaMP_5': (('rouge-1', 'ROUGE-1', True), ('rouge-L', 'ROUGE-L', True)),
+    'LaMP_6': (('rouge-1', 'ROUGE-1', True), ('rouge-L', 'ROUGE-L', True)),
+    'LaMP_7': (('rouge-1', 'ROUGE-1', True), ('rouge-L', 'ROUGE-L', True)),
+}
+# The paper's Table 1 (FlanT5-XXL, LaMP user split, dev), in COLUMNS order without 'Random'.
+PAPER = {
+    ('LaMP_1', 'accuracy'): (0.498, 0.629, 0.639, 0.641, 0.682, 0.676, 0.672, 0.670, 0.680),
+    ('LaMP_2', 'accuracy'): (0.326, 0.345, 0.361, 0.362, 0.365, 0.365, 0.391, 0.416, 0.565),
+    ('LaMP_2', 'f1'): (0.255, 0.282, 0.291, 0.282, 0.292, 0.291, 0.312, 0.337, 0.501),
+    ('LaMP_3', 'mae'): (0.335, 0.293, 0.305, 0.297, 0.273, 0.274, 0.266, 0.246, 0.231),
+    ('LaMP_3', 'rmse'): (0.639, 0.585, 0.596, 0.592, 0.561, 0.566, 0.560, 0.539, 0.534),
+    ('LaMP_4', 'rouge-1'): (0.173, 0.192, 0.194, 0.190, 0.190, 0.193, 0.195, 0.207, 0.216),
+    ('LaMP_4', 'rouge-L'): (0.157, 0.175, 0.177, 0.174, 0.174, 0.176, 0.179, 0.188, 0.197),
+    ('LaMP_5', 'rouge-1'): (0.472, 0.467, 0.469, 0.471, 0.473, 0.472, 0.479, 0.480, 0.487),
+    ('LaMP_5', 'rouge-L'): (0.419, 0.419, 0.422, 0.421, 0.425, 0.423, 0.429, 0.429, 0.435),
+    ('LaMP_7', 'rouge-1'): (0.454, 0.451, 0.452, 0.440, 0.458, 0.451, 0.460, 0.468, 0.536),
+    ('LaMP_7', 'rouge-L'): (0.401, 0.401, 0.402, 0.391, 0.407, 0.402, 0.409, 0.416, 0.484),
+}
+_PAPER_COLUMNS = tuple(c for c in COLUMNS if c != 'Random')
+_NAMES = {'none': 'Ad-hoc', 'bm25': 'BM25', 'recency': 'Recency', 'contriever': 'Contriever',
+          'random': 'Random', 'ropg-rl': 'ROPG-RL', 'ropg-kd': 'ROPG-KD', 'rspg-pre': 'RSPG-Pre',
+          'rspg-post': 'RSPG-Post'}
+
+
+def _read(path: str) -> Any:
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _column(method_dir_name: str) -> str:
+  method, _, k = method_dir_name.partition('_k')
+  name = _NAMES.get(method, method)
+  return name if not k or k == '4' else f'{name} (k={k})'
+
+
+def _task_of(workdir: str) -> str | None:
+  config_file = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_file):
+    return lamp.task_spec(_read(config_file)['task']).name
+  return None
+
+
+def collect(workdirs: list[str], split: str = 'dev') -> dict[str, dict[str, dict]]:
+  """{task: {column: metrics}} from every workdir's PPlug and baseline metrics files."""
+  found: dict[str, dict[str, dict]] = {}
+  for workdir in workdirs:
+    task = _task_of(workdir)
+    pplug = None
+    if os.path.exists(os.path.join(workdir, f'metrics_{split}.json')):
+      pplug = _read(os.path.join(workdir, f'metrics_{split}.json'))
+    elif split == 'dev' and os.path.exists(os.path.join(workdir, 'train_result.json')):
+      pplug = _read(os.path.join(workdir, 'train_result.json')).get('dev')
+    if pplug and task:
+      found.setdefault(task, {})['PPlug'] = pplug
+    base = os.path.join(workdir, 'baselines')
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+      metrics_file = os.path.join(base, name, f'metrics_{split}.json')
+      if not os.path.exists(metrics_file):
+        continue
+      preds = os.path.join(base, name, f'predictions_{split}.json')
+      method_task = lamp.task_spec(_read(preds)['task']).name if os.path.exists(preds) else task
+      found.setdefault(method_task, {})[_column(name)] = _read(metrics_file)
+  if not found:
+    raise UserError(f'no metrics_{split}.json in {workdirs} (nor in their baselines/): train and '
+                    'evaluate, or run python -m pplug_jax.baselines, first.')
+  return found
+
+
+def _order(columns) -> list[str]:
+  rank = {c: i for i, c in enumerate(COLUMNS)}
+  return sorted(columns, key=lambda c: (rank.get(c.split(' (')[0], len(COLUMNS)), c))
+
+
+def markdown(found: dict[str, dict[str, dict]], paper: bool = False) -> str:
+  """The table in Markdown: the best of each row bold; [paper value] when asked."""
+  columns = _order({c for methods in found.values() for c in methods})
+  lines = ['| Dataset | Metric | ' + ' | '.join(columns) + ' |',
+           '|---|---|' + '---|' * len(columns)]
+  for task in sorted(found):
+    for key, label, higher in METRICS[task]:
+      values = {c: found[task][c].get(key) for c in columns if c in found[task]}
+      present = [v for v in values.values() if v is not None]
+      best = (max if higher else min)(present) if present else None
+      cells = []
+      for c in columns:
+        v = values.get(c)
+        cell = '' if v is None else (f'**{v:.3f}**' if v == best else f'{v:.3f}')
+        if paper and (task, key) in PAPER and c in _PAPER_COLUMNS:
+          cell += f' [{PAPER[(task, key)][_PAPER_COLUMNS.index(c)]:.3f}]'
+        cells.append(cell)
+      arrow = '↑' if higher else '↓'
+      lines.append(f'| {task.replace("_", "-")} | {label} {arrow} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def chart(found: dict[str, dict[str, dict]], path: str) -> None:
+  """One bar group per task x metric, one bar per method."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  rows = [(task, key, label) for task in sorted(found) for key, label, _ in METRICS[task]]
+  columns = _order({c for methods in found.values() for c in methods})
+  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) * len(columns) / 4 + 3), 4))
+  width = 0.8 / max(len(columns), 1)
+  for j, c in enumerate(columns):
+    xs = [i + j * width for i in range(len(rows))]
+    ys = [found[t].get(c, {}).get(k, 0.0) or 0.0 for t, k, _ in rows]
+    ax.bar(xs, ys, width, label=c)
+  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+  ax.set_xticklabels([f'{t.replace("_", "-")}\n{label}' for t, _, label in rows])
+  ax.legend(fontsize=8, ncol=min(len(columns), 5))
+  ax.set_title('PPlug vs retrieval-based personalisation')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(workdirs: list[str], out: str | None = None, split: str = 'dev',
+          paper: bool = False) -> str:
+  """Collects, writes table1.md and table1.png, and returns the Markdown."""
+  found = collect(workdirs, split)
+  text = markdown(found, paper)
+  out = out or workdirs[0]
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'table1.md'), 'w', encoding='utf-8') as f:
+    f.write(text + '\n')
+  chart(found, os.path.join(out, 'table1.png'))
+  return text
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  workdirs = list(f.workdirs or []) + ([f.workdir] if f.workdir else [])
+  if not workdirs:
+    raise UserError('give --workdir W or --workdirs W1 W2 ...')
+  print(write(workdirs, f.out or None, f.split, f.paper))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'A workdir holding PPlug and/or baselines/.')
+  flags.DEFINE_list('workdirs', None, 'Several workdirs (e.g. one per task).')
+  flags.DEFINE_enum('split', 'dev', ['train', 'dev'], 'Whose metrics to lay out.')
+  flags.DEFINE_bool('paper', False, "Add the paper's FlanT5-XXL numbers in [brackets].")
+  flags.DEFINE_string('out', '', 'Where table1.md and table1.png go (default: first workdir).')
+  cli.run(main)
