@@ -243,6 +243,15 @@ def _verdict(mem: dict[str, float], chip: Chip) -> tuple[bool, list[str]]:
   return fits, advice
 
 
+def _failed(error: Exception, seconds: float) -> dict[str, Any]:
+  """A compile the TPU compiler refused: no memory figures, and what to try."""
+  reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+  return {'per_chip_gib': None, 'memory_gib': {}, 'fits': False, 'compile_s': seconds,
+          'flops': None, 'step_time_lower_bound_s': None, 'error': reason,
+          'advice': ['the compiler refused this shape (above); try another mesh (--mesh), '
+                     "config.llm.remat_policy='full', or a smaller micro-batch"]}
+
+
 def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
   """Compiles the train step and beam-search generation for `topology`; returns the plan."""
   devices = topology_devices(topology)
@@ -263,15 +272,19 @@ def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None) -> di
                          'hbm_per_chip_gib': chip.hbm_gib}
 
   start = time.time()
-  compiled, _, _ = system_lib.compile_train_step(system, tx, _abstract_state(system, tx, config),
-                                                 config)
-  mem = system_lib.memory_summary(compiled)
-  flops = train_step_flops(system, config)
-  fits, advice = _verdict(mem, chip)
-  out['train_step'] = {
-      'per_chip_gib': mem['total'], 'memory_gib': mem, 'fits': fits, 'advice': advice,
-      'compile_s': time.time() - start, 'flops': flops,
-      'step_time_lower_bound_s': flops / (len(devices) * chip.peak_bf16_tflops * 1e12)}
+  try:
+    compiled, _, _ = system_lib.compile_train_step(
+        system, tx, _abstract_state(system, tx, config), config)
+  except Exception as e:  # the TPU compiler's own out-of-memory (e.g. VMEM) and the like
+    out['train_step'] = _failed(e, time.time() - start)
+  else:
+    mem = system_lib.memory_summary(compiled)
+    flops = train_step_flops(system, config)
+    fits, advice = _verdict(mem, chip)
+    out['train_step'] = {
+        'per_chip_gib': mem['total'], 'memory_gib': mem, 'fits': fits, 'advice': advice,
+        'compile_s': time.time() - start, 'flops': flops,
+        'step_time_lower_bound_s': flops / (len(devices) * chip.peak_bf16_tflops * 1e12)}
 
   start = time.time()
   generator = generation.SplitGenerator(system, config)
@@ -285,8 +298,12 @@ def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None) -> di
   trainable = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=partitioning.replicated(mesh)),
       _abstract_state(system, tx, config)['params'])
-  gen_compiled = generator.jitted(True).lower(trainable, system.llm_params,
-                                              abstract_batch).compile()
+  try:
+    gen_compiled = generator.jitted(True).lower(trainable, system.llm_params,
+                                                abstract_batch).compile()
+  except Exception as e:
+    out['generate'] = _failed(e, time.time() - start)
+    return out
   gen_mem = system_lib.memory_summary(gen_compiled)
   gen_flops = generate_flops(system, config, batch)
   gen_fits, gen_advice = _verdict(gen_mem, chip)
@@ -303,8 +320,14 @@ def format_plan(p: dict[str, Any]) -> str:
   lines = [f'{p["topology"]}: {p["chips"]} x {p["chip"]} ({p["hbm_per_chip_gib"]:.0f} GiB HBM '
            f'each), mesh (data, model) = {tuple(p["mesh"])}']
   for name in ('train_step', 'generate'):
+    if name not in p:
+      continue
     s = p[name]
     m = s['memory_gib']
+    if 'error' in s:
+      lines.append(f'  {name:10s} DOES NOT COMPILE: {s["error"]}')
+      lines.extend(f'    to fit: {tip}' for tip in s['advice'])
+      continue
     lines.append(
         f'  {name:10s} {s["per_chip_gib"]:6.2f} GiB per device (arguments {m["arguments"]:.2f}, '
         f'outputs {m["outputs"]:.2f}, temporaries {m["temporaries"]:.2f}) -> '

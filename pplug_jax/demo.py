@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from flax import linen as nn
 from absl import logging
 
 from pplug_jax import partitioning, tokenizers
+from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.errors import ConfigError
 from pplug_jax.data import lamp, synthetic
 from pplug_jax.models import hf_weights, t5 as t5_lib
@@ -75,17 +77,40 @@ def _make_files(config) -> None:
     pretrain_tiny_t5(config, config.llm.path)
 
 
+def _rag_inputs(config, tok) -> list[str]:
+  """LaMP RAG prompts (k = config.rag.k) for the train users, alternating BM25 and recency."""
+  from pplug_jax.baselines import rag_prompt, rank_profile
+  from pplug_jax.baselines.runner import raw_questions
+  _, questions = raw_questions(config, 'train')
+  prompts = []
+  for n, q in enumerate(questions):
+    if not q['profile']:
+      prompts.append(q['input'])
+      continue
+    items = rank_profile(config.task, q['input'], q['profile'], ('bm25', 'recency')[n % 2],
+                         config.rag.k)
+    prompts.append(rag_prompt(config.task, q['input'], items, tok, config.rag.max_length))
+  return prompts
+
+
 def pretrain_tiny_t5(config, out_dir: str) -> None:
-  """Fits a tiny byte-level T5 on train inputs -> outputs (no persona) and saves it, frozen."""
+  """Fits a tiny byte-level T5 on train inputs -> outputs and saves it, frozen.
+
+  Like an instruction-tuned FlanT5 it sees plain inputs and LaMP's retrieval-augmented prompts
+  (half each), so every method of the comparison meets a base model that can read its input.
+  It never sees a persona, and never a dev user.
+  """
   m = config.demo_model
   tok = tokenizers.llm_tokenizer(config)
   t5_config = t5_lib.T5Config(vocab_size=len(tok), d_model=m.d_model, num_heads=m.num_heads,
                               d_kv=m.d_kv, d_ff=m.d_ff, num_encoder_layers=m.num_layers,
                               num_decoder_layers=m.num_layers)
   train = lamp.load_split(config.data.lamp_dir, config.task, 'train', config.split_type)
-  enc = tok([e.input for e in train], truncation=True, max_length=config.data.max_input_length,
-            padding='max_length', return_tensors='np')
-  tgt = tok([e.output for e in train], truncation=True, max_length=config.data.max_target_length,
+  length = config.rag.max_length
+  inputs = [e.input for e in train] + _rag_inputs(config, tok)
+  outputs = [e.output for e in train] * 2
+  enc = tok(inputs, truncation=True, max_length=length, padding='max_length', return_tensors='np')
+  tgt = tok(outputs, truncation=True, max_length=config.data.max_target_length,
             padding='max_length', return_tensors='np')
   model = t5_lib.T5(t5_config)
   rng = jax.random.PRNGKey(config.seed)
@@ -111,12 +136,51 @@ def pretrain_tiny_t5(config, out_dir: str) -> None:
   bs = 32
   loss = float('nan')  # pretrain_steps=0 keeps the random initialisation
   for i in range(m.pretrain_steps):
-    rows = order.integers(0, len(train), bs)
+    rows = order.integers(0, len(inputs), bs)
     params, opt, loss = step(params, opt, enc['input_ids'][rows], enc['attention_mask'][rows],
                              tgt['input_ids'][rows], tgt['attention_mask'][rows])
     if i % 100 == 0 or i == m.pretrain_steps - 1:
-      logging.info('demo: pretraining the tiny base T5 (no persona), step %d, loss %.4f', i,
+      logging.info('demo: fitting the tiny base T5 (plain and RAG inputs, no persona), step %d, '
+                   'loss %.4f', i,
                    float(loss))
   hf_weights.save_t5(out_dir, t5_config, jax.device_get(params))
   with open(os.path.join(out_dir, 'demo_pretrain.json'), 'w') as f:
     json.dump({'steps': m.pretrain_steps, 'final_loss': float(loss)}, f)
+
+
+BASELINES = ('none', 'bm25', 'recency', 'contriever')
+
+
+def compare(config, workdir: str, mesh, evaluate: Callable, params: dict,
+            pplug_dev: dict) -> dict[str, Any]:
+  """The demo's Table 1: ablations of the trained plug and the retrieval baselines, printed.
+
+  Every method is evaluated on the same dev split with the same frozen base model; the demo's
+  MiniLM is the dense retriever in Contriever's place.
+  """
+  from pplug_jax import table
+  from pplug_jax.baselines import runner
+  out: dict[str, Any] = {
+      'dev_no_persona': evaluate(None, desc='dev, frozen model without plug'),
+      'dev_plug_persona_zeroed': evaluate(params, persona=False, desc='dev, persona zeroed')}
+  config.rag.retriever_path = config.rag.retriever_path or config.encoder.path
+  generator = runner.BaselineGenerator(config, mesh)  # one compile for every method
+  encoder = TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False)
+  out['baselines'] = {m: runner.run(config, workdir, m, config.rag.k, 'dev', generator, encoder)
+                      for m in BASELINES}
+  with open(os.path.join(lamp.task_dir(config.data.lamp_dir, config.task),
+                         'synthetic_info.json')) as f:
+    out['best_non_personalised_accuracy'] = json.load(f)['best_non_personalised_accuracy']
+  if jax.process_index() == 0:
+    columns = {table._column(os.path.basename(runner.method_dir(workdir, m, config.rag.k))): r
+               for m, r in out['baselines'].items()}
+    columns['PPlug'] = pplug_dev
+    print(f'dev (synthetic {config.task}, {len(BASELINES) + 1} methods, same frozen model):\n' +
+          table.markdown({lamp.task_spec(config.task).name: columns}), flush=True)
+    rows = [('PPlug with the persona zeroed', out['dev_plug_persona_zeroed']),
+            ('frozen model, no plug (PPlug input)', out['dev_no_persona'])]
+    print('\n'.join(f'{name:38s} accuracy {m["accuracy"]:.4f}  macro-F1 {m["f1"]:.4f}  NLL '
+                    f'{m["nll"]:.4f}' for name, m in rows))
+    print(f'best possible without the user history (by construction): '
+          f'{out["best_non_personalised_accuracy"]:.4f}', flush=True)
+  return out

@@ -225,16 +225,10 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer.flush()
 
   result = {'step': step, 'dev': last_eval or evaluate(state['params'])}
-  if config.demo:
-    result['dev_no_persona'] = evaluate(None, desc='dev, frozen model without plug')
-    result['dev_plug_persona_zeroed'] = evaluate(state['params'], persona=False,
-                                                 desc='dev, persona zeroed')
-    info_file = os.path.join(lamp.task_dir(config.data.lamp_dir, config.task),
-                             'synthetic_info.json')
-    with open(info_file) as f:
-      result['best_non_personalised_accuracy'] = json.load(f)['best_non_personalised_accuracy']
-    if main_process:
-      _print_demo_table(result, spec.main_metric)
+  if config.demo:  # the comparison: ablations and the retrieval baselines on the same dev split
+    from pplug_jax import demo
+    result.update(demo.compare(config, workdir, system.mesh, evaluate, state['params'],
+                               result['dev']))
   if main_process:
     with open(os.path.join(workdir, 'train_result.json'), 'w') as f:
       json.dump(result, f, indent=1)
@@ -251,18 +245,6 @@ def _check_finite(loss, step: int) -> None:
 
 def _fmt(m: dict) -> str:
   return ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in m.items())
-
-
-def _print_demo_table(result: dict, metric: str) -> None:
-  rows = [('PPlug (instruction + persona)', result['dev']),
-          ('PPlug with the persona zeroed', result['dev_plug_persona_zeroed']),
-          ('frozen model, no plug', result['dev_no_persona'])]
-  lines = [f'{"dev (synthetic LaMP-2)":34s} {"accuracy":>9s} {"macro-F1":>9s} {"NLL":>8s}']
-  for name, m in rows:
-    lines.append(f'{name:34s} {m["accuracy"]:9.4f} {m["f1"]:9.4f} {m["nll"]:8.4f}')
-  lines.append(f'best possible without the user history (by construction): '
-               f'{result["best_non_personalised_accuracy"]:.4f}')
-  print('\n'.join(lines), flush=True)
 
 
 def main(argv):

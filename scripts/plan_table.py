@@ -38,6 +38,9 @@ def main() -> None:
         cells.append(f'error: {str(e).splitlines()[0][:60]}')
         continue
       t = p['train_step']
+      if 'error' in t:
+        cells.append(f'does not compile ({t["error"][:50]})')
+        continue
       cells.append(f'{t["per_chip_gib"]:.1f} GiB {"fits" if t["fits"] else "**no**"}, '
                    f'mesh {tuple(p["mesh"])}, >= {t["step_time_lower_bound_s"]:.2f} s')
       print(f'{size} {topology}: {aot.format_plan(p)}', file=sys.stderr, flush=True)

@@ -24,8 +24,33 @@ def test_demo_learns_and_beats_the_non_personalised_model(demo_run):
   assert plain['accuracy'] <= bound + 0.15, result  # the frozen model alone cannot know the user
   assert pplug['nll'] < plain['nll'] - 0.02
   assert result['dev_plug_persona_zeroed']['accuracy'] < pplug['accuracy'] - 0.3
-  assert 'PPlug (instruction + persona)' in stdout
   assert os.path.isdir(workdir / 'best') and os.path.isdir(workdir / 'tensorboard')
+
+
+def test_demo_is_the_table1_comparison(demo_run):
+  """Ad-hoc, BM25, Recency, Contriever (MiniLM) and PPlug on one dev split and one frozen model."""
+  workdir, result, stdout = demo_run
+  from pplug_jax.data import lamp
+  base = result['baselines']
+  assert set(base) == {'none', 'bm25', 'recency', 'contriever'}
+  dev = lamp.load_split(str(workdir / 'demo' / 'lamp'), 'LaMP_2', 'dev')
+  for m in base.values():  # users with no history get the plain input, and are counted
+    assert m['count'] == 100 and m['empty_profiles'] == sum(not e.profile for e in dev) >= 1
+  adhoc = base['none']['accuracy']
+  rag = [base[m]['accuracy'] for m in ('bm25', 'recency', 'contriever')]
+  assert adhoc <= result['best_non_personalised_accuracy'] + 0.15
+  assert min(rag) >= adhoc + 0.2  # the base model reads the retrieved tags
+  assert result['dev']['accuracy'] >= max(rag) + 0.1  # the whole history beats 4 noisy items
+  assert '| Dataset | Metric | Ad-hoc | BM25 | Recency | Contriever | PPlug |' in stdout
+  for m, name in (('none', 'none'), ('bm25', 'bm25_k4')):
+    with open(workdir / 'baselines' / name / 'predictions_dev.json') as f:
+      assert len(json.load(f)['golds']) == 100
+  proc = subprocess.run([sys.executable, '-m', 'pplug_jax.table', f'--workdir={workdir}',
+                         f'--out={workdir}/table'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f'**{result["dev"]["accuracy"]:.3f}**' in proc.stdout
+  assert (workdir / 'table' / 'table1.png').stat().st_size > 1000
 
 
 def _restore_params(workdir, step):
