@@ -94,6 +94,8 @@ def get_config(arg=None):
   c.plug.instruction_scale_divisor = 7.0
   c.plug.empty_history = 'zero'
   c.plug.dtype = 'float32'
+  c.plug.retrieval = ''         # '' | 'bm25' | 'recency': PPlug + retrieval (the paper's Table 3)
+  c.plug.retrieval_k = 1        # items in the LaMP prompt the soft tokens are prepended to
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -140,6 +142,7 @@ def _demo(c):
   c.demo_data = ml_collections.ConfigDict(dict(
       train_users=400, dev_users=100, test_users=60, num_preferences=4, mean_items=12,
       empty_frac=0.05, long_frac=0.01, signal=0.5))
+  c.demo_compare = True  # after training, the ablations and the retrieval baselines (Table 1)
   c.demo_model = ml_collections.ConfigDict(dict(
       d_model=64, num_heads=4, d_kv=16, d_ff=128, num_layers=2, pretrain_steps=500,
       pretrain_lr=3e-3))

@@ -64,6 +64,8 @@ def fingerprint(config) -> dict[str, Any]:
       max_target_length=config.data.max_target_length, max_history=config.data.max_history,
       item_max_length=config.data.item_max_length,
       query_max_length=config.data.query_max_length, num_shards=config.data.num_shards)
+  if config.plug.retrieval:  # only then, so records made before this key still match
+    fp['plug_retrieval'] = f'{config.plug.retrieval}:{config.plug.retrieval_k}'
   if config.encoder.path:
     fp.update(encoder_path=os.path.abspath(config.encoder.path),
               dim=int(hf_weights.read_hf_config(config.encoder.path)['hidden_size']),
@@ -72,6 +74,7 @@ def fingerprint(config) -> dict[str, Any]:
   return fp
 
 
+_OPTIONAL_KEYS = ('plug_retrieval',)  # in a fingerprint only when set
 _HOW_TO_PROCEED = ('Use a new config.data.records_dir, or pass --config.data.rebuild_records=True '
                    'to delete these records and make them again.')
 
@@ -86,7 +89,8 @@ def verify_records(config, out_dir: str, current: dict[str, Any] | None = None) 
   meta = records.read_metadata(out_dir)
   current = fingerprint(config) if current is None else current
   old = meta.get('fingerprint', {})
-  changed = {k: (old.get(k), v) for k, v in current.items() if old.get(k) != v}
+  keys = set(current) | (set(old) & set(_OPTIONAL_KEYS))  # an optional key may be set on one side
+  changed = {k: (old.get(k), current.get(k)) for k in keys if old.get(k) != current.get(k)}
   if changed:
     what = '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items()))
     raise RecordsError(f'{out_dir}: these records were made with other settings ({what}). '
@@ -139,6 +143,26 @@ def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config,
   return dict(zip(unique, item_emb)), query_emb
 
 
+def _llm_inputs(config, split: str, examples: list[lamp.Example], llm_tok) -> list[str]:
+  """The LLM input text of each example: the plain input, or with config.plug.retrieval the
+  LaMP prompt of its top retrieval_k profile items (PPlug + retrieval), within the input limit."""
+  if not config.plug.retrieval:
+    return [ex.input for ex in examples]
+  from pplug_jax.baselines import rag_prompt, rank_profile
+  from pplug_jax.baselines.runner import check_fields, raw_questions
+  qfile, questions = raw_questions(config, split)
+  check_fields(config.task, qfile, questions, config.plug.retrieval)
+  by_id = {str(q['id']): q for q in questions}
+  out = []
+  for ex in examples:
+    profile = by_id[ex.id]['profile']
+    items = rank_profile(config.task, ex.input, profile, config.plug.retrieval,
+                         config.plug.retrieval_k, seed=config.seed) if profile else []
+    out.append(rag_prompt(config.task, ex.input, items, llm_tok, config.data.max_input_length)
+               if items else ex.input)
+  return out
+
+
 def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict[str, Any]:
   """Precomputes every split found; returns the metadata. `stop_after_shards` is for tests."""
   spec = lamp.task_spec(config.task)
@@ -171,6 +195,7 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
       logging.info('%s: no %s split, skipped.', root, split)
       continue
     examples = lamp.load_split(config.data.lamp_dir, spec.name, split, config.split_type)
+    llm_inputs = _llm_inputs(config, split, examples, llm_tok)
     digest = _file_hash([qfile, ofile])
     n = config.data.num_shards
     parts = np.array_split(np.arange(len(examples)), n)
@@ -188,15 +213,16 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
       if stop_after_shards is not None and shards_done >= stop_after_shards:
         return meta
       shard_examples = [examples[i] for i in rows]
+      shard_inputs = [llm_inputs[i] for i in rows]
       item_emb, query_emb = _encode_shard(shard_examples, encoder, config, stats)
       with tf.io.TFRecordWriter(path + '.tmp') as w:
-        for ex, q_emb in zip(shard_examples, query_emb):
+        for ex, text, q_emb in zip(shard_examples, shard_inputs, query_emb):
           hist = _history(ex, config.data.max_history)
           h_emb = (np.stack([item_emb[i.text] for i in hist]) if hist else
                    np.zeros((0, encoder.dim), np.float32))
           w.write(records.serialize_example(
               example_id=ex.id,
-              input_ids=llm_tok(ex.input, truncation=True,
+              input_ids=llm_tok(text, truncation=True,
                                 max_length=config.data.max_input_length)['input_ids'],
               target_ids=llm_tok(ex.output, truncation=True,
                                  max_length=config.data.max_target_length)['input_ids']

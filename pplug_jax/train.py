@@ -225,7 +225,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer.flush()
 
   result = {'step': step, 'dev': last_eval or evaluate(state['params'])}
-  if config.demo:  # the comparison: ablations and the retrieval baselines on the same dev split
+  if config.demo and config.demo_compare:  # ablations and the retrieval baselines, same dev split
     from pplug_jax import demo
     result.update(demo.compare(config, workdir, system.mesh, evaluate, state['params'],
                                result['dev']))

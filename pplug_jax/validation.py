@@ -20,6 +20,7 @@ from pplug_jax.models import bert, t5
 
 ENCODER_MODES = ('frozen', 'finetune')
 EMBEDDING_DTYPES = ('float32', 'float16')
+PLUG_RETRIEVAL = ('', 'bm25', 'recency')  # rankers that need no second encoder
 
 
 def _problems_of_values(c) -> list[str]:
@@ -65,6 +66,9 @@ def _problems_of_values(c) -> list[str]:
   one_of('llm.remat_policy', ('none', *t5.REMAT_POLICIES))
   need(c.plug.persona_scale == -1 or c.plug.persona_scale > 0, 'plug.persona_scale',
        'must be > 0, or -1 to derive it from the backbone')
+  need(c.plug.retrieval in PLUG_RETRIEVAL, 'plug.retrieval',
+       f'use one of {list(PLUG_RETRIEVAL)} (\'\' = the plain input)')
+  need(c.plug.retrieval_k >= 1, 'plug.retrieval_k', 'must be >= 1')
   need(c.optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0')
   need(0 <= c.optim.warmup_frac < 1, 'optim.warmup_frac', 'must be in [0, 1)')
   need(c.optim.max_steps == -1 or c.optim.max_steps > 0, 'optim.max_steps',

@@ -198,3 +198,38 @@ def test_runner_refuses_bad_methods_k_and_missing_fields(tmp_path):
   runner.check_fields('LaMP_2', 'f.json', questions, 'bm25')
   with pytest.raises(lamp.LampError, match=r"\['date'\]"):
     runner.check_fields('LaMP_2', 'f.json', questions, 'recency')
+
+
+# ------------------------------------------------------------------ PPlug + retrieval
+
+def test_pplug_with_retrieval_records_hold_the_lamp_prompt(tmp_path, minilm_path, byte_tok):
+  """config.plug.retrieval: the soft tokens go before the k=1 LaMP prompt, not the plain input."""
+  import tensorflow as tf
+  from configs import lamp as lamp_config
+  from pplug_jax import precompute
+  from pplug_jax.data import records, synthetic
+  from pplug_jax.errors import RecordsError
+  synthetic.generate(str(tmp_path / 'lamp'), 'LaMP_2', users={'train': 6, 'dev': 4, 'test': 2},
+                     seed=5, empty_frac=0.0, long_frac=0.0, mean_items=5)
+  config = lamp_config.get_config('demo')
+  config.data.lamp_dir = str(tmp_path / 'lamp')
+  config.data.records_dir = str(tmp_path / 'records')
+  config.encoder.path = str(minilm_path)
+  config.data.num_shards = 1
+  config.plug.retrieval, config.plug.retrieval_k = 'bm25', 1
+  meta = precompute.run(config)
+  assert meta['fingerprint']['plug_retrieval'] == 'bm25:1'
+  parse = records.parse_fn(meta['fingerprint']['dim'], meta['fingerprint']['embedding_dtype'])
+  recs = {r['id'].decode(): r for r in tf.data.TFRecordDataset(
+      records.split_shards(config.data.records_dir, 'dev')).map(parse).as_numpy_iterator()}
+  with open(tmp_path / 'lamp' / 'LaMP_2' / 'dev_questions.json') as f:
+    questions = json.load(f)
+  for q in questions:
+    top = rank_profile(2, q['input'], q['profile'], 'bm25', 1)
+    prompt = rag_prompt(2, q['input'], top, byte_tok, config.data.max_input_length)
+    assert prompt.startswith(f'the tag for the movie: "') and f'is "{top[0]["tag"]}"' in prompt
+    want = byte_tok(prompt, truncation=True, max_length=config.data.max_input_length)['input_ids']
+    assert list(recs[q['id']]['input_ids']) == want
+  config.plug.retrieval = ''  # the plain-input records are other records
+  with pytest.raises(RecordsError, match="plug_retrieval: 'bm25:1' -> None"):
+    precompute.verify_records(config, config.data.records_dir)

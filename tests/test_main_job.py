@@ -70,7 +70,8 @@ def _prepared_copy(src, dst):
 def test_sigkill_then_resume_equals_uninterrupted(demo_run, tmp_path):
   src = demo_run[0]
   flags = ['--config.optim.max_steps=40', '--config.train.checkpoint_every=10',
-           '--config.train.eval_every=1000', '--config.train.log_every=10']
+           '--config.train.eval_every=1000', '--config.train.log_every=10',
+           '--config.demo_compare=False']
   straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
   _prepared_copy(src, straight)
   _prepared_copy(src, killed)

@@ -23,7 +23,8 @@ from conftest import ROOT
 HARNESS = os.path.join(ROOT, 'scripts', 'local_multihost.sh')
 FLAGS = ['--config.data.num_shards=3', '--config.data.num_streams=2',
          '--config.optim.max_steps=12', '--config.train.checkpoint_every=4',
-         '--config.train.eval_every=1000', '--config.train.log_every=4']
+         '--config.train.eval_every=1000', '--config.train.log_every=4',
+         '--config.demo_compare=False']
 
 
 def _train_args(workdir):
