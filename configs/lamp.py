@@ -31,10 +31,11 @@ def _parse(arg):
       continue
     key, _, value = part.partition('=')
     out[key] = value or True
-  unknown = set(out) - {'demo', 'task', 'size', 'split', 'encoder'}
+  unknown = set(out) - {'demo', 'task', 'size', 'split', 'encoder', 'reference'}
   if unknown:
     raise ValueError(f'configs/lamp.py: unknown args {sorted(unknown)}; use demo, task=N, '
-                     'size=small..xxl, split=user|time, encoder=bge|contriever|minilm.')
+                     'size=small..xxl, split=user|time, encoder=bge|contriever|minilm, '
+                     'reference.')
   return out
 
 
@@ -67,6 +68,7 @@ def get_config(arg=None):
   c.data.max_input_length = 256
   c.data.max_target_length = 10 if task == 3 else 128
   c.data.max_history = 512
+  c.data.history_order = 'date'  # 'date': the most recent by date | 'file': the last in the file
   c.data.item_max_length = 512  # encoder tokens per profile item
   c.data.query_max_length = 512
   c.data.augment_copies = 10    # extra copies of a history with > 2 items, 0 = off
@@ -88,6 +90,7 @@ def get_config(arg=None):
   c.llm.param_dtype = 'bfloat16'
   c.llm.remat_policy = 'none' if size in ('small', 'base') else 'dots_with_no_batch_dims'
   c.llm.scan_layers = size in ('xl', 'xxl')
+  c.llm.vocab_limit = 0         # 0: all rows; -1: len(tokenizer) + 2 (the official resize); N
 
   c.plug = ml_collections.ConfigDict()
   c.plug.persona_scale = -1.0   # -1: mean L2 norm of the backbone's token embeddings
@@ -100,6 +103,7 @@ def get_config(arg=None):
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
   c.optim.weight_decay = 1e-4
+  c.optim.decay_mask = 'all'    # 'all' | 'hf': no decay on biases and LayerNorm weights (HF Trainer)
   c.optim.warmup_frac = 0.05
   c.optim.grad_clip = 1.0
   c.optim.batch_size = 16       # global batch of one micro-step (reference: 2 per device)
@@ -131,9 +135,27 @@ def get_config(arg=None):
   c.mesh_shape = (-1, 1)        # (data, model); -1 = all remaining devices
   c.logical_axis_rules = partitioning.STANDARD_RULES
 
+  if 'reference' in args:
+    _reference(c)
   if demo:
     _demo(c)
   return c
+
+
+# The official PPlug code's persona scale, the same for every backbone (code/ModelForPer.py).
+REFERENCE_PERSONA_SCALE = 539.9738
+
+
+def _reference(c):
+  """Trains as the official PPlug code does; README "Fidelity to the official code" has the rows.
+
+  Each row is its own key, so one can be taken at a time.
+  """
+  c.plug.persona_scale = REFERENCE_PERSONA_SCALE  # row 1: one constant for every backbone
+  c.llm.vocab_limit = -1                         # row 2: resize to len(tokenizer) + 2
+  c.data.history_order = 'file'                  # row 4: his_id[-512:] in file order
+  c.encoder.mode = 'finetune'                    # row 6: the query-side BGE is trained
+  c.optim.decay_mask = 'hf'                      # row 8: no decay on biases and LayerNorm
 
 
 def _demo(c):

@@ -20,7 +20,7 @@ from absl import flags
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from pplug_jax import checkpoints, cli, precompute
+from pplug_jax import checkpoints, cli, precompute, system as system_lib
 from pplug_jax.data import records
 from pplug_jax.errors import UserError
 from pplug_jax.models import hf_weights, plug as plug_lib
@@ -71,7 +71,8 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
   plug_config = {
       'format': 'pplug_jax.plug/1', 'task': config.task, 'step': step, 'dev_metrics': metrics,
       'llm': {'name': config.llm.name, 'path': config.llm.path, 'tokenizer': config.llm.tokenizer,
-              'd_model': llm_config.d_model, 'dtype': config.llm.dtype},
+              'd_model': llm_config.d_model, 'dtype': config.llm.dtype,
+              'vocab_limit': system_lib.vocab_limit(config)},
       'encoder': {'name': config.encoder.name, 'path': config.encoder.path, 'dim': fp['dim'],
                   'pooling': fp['pooling'], 'normalize': fp['normalize'],
                   'query_prefix': config.encoder.query_prefix, 'mode': config.encoder.mode},

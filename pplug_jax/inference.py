@@ -49,7 +49,8 @@ class PersonaPlugGenerator:
                num_beams: int | None = None, max_new_tokens: int | None = None):
     self.plug_config, trainable = export.load_export(plug_path)
     pc = self.plug_config
-    llm_config, llm_params = hf_weights.load_t5(llm_path, dtype=t5_lib.as_dtype(dtype))
+    llm_config, llm_params = hf_weights.load_t5(llm_path, dtype=t5_lib.as_dtype(dtype),
+                                                vocab_limit=pc['llm'].get('vocab_limit', 0))
     if llm_config.d_model != pc['llm']['d_model']:
       raise ValueError(f'{plug_path} was trained for d_model={pc["llm"]["d_model"]} '
                        f'({pc["llm"]["name"]}); {llm_path} has d_model={llm_config.d_model}.')

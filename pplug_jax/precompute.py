@@ -66,6 +66,8 @@ def fingerprint(config) -> dict[str, Any]:
       query_max_length=config.data.query_max_length, num_shards=config.data.num_shards)
   if config.plug.retrieval:  # only then, so records made before this key still match
     fp['plug_retrieval'] = f'{config.plug.retrieval}:{config.plug.retrieval_k}'
+  if config.data.history_order != 'date':  # likewise
+    fp['history_order'] = config.data.history_order
   if config.encoder.path:
     fp.update(encoder_path=os.path.abspath(config.encoder.path),
               dim=int(hf_weights.read_hf_config(config.encoder.path)['hidden_size']),
@@ -74,7 +76,7 @@ def fingerprint(config) -> dict[str, Any]:
   return fp
 
 
-_OPTIONAL_KEYS = ('plug_retrieval',)  # in a fingerprint only when set
+_OPTIONAL_KEYS = ('plug_retrieval', 'history_order')  # in a fingerprint only when set
 _HOW_TO_PROCEED = ('Use a new config.data.records_dir, or pass --config.data.rebuild_records=True '
                    'to delete these records and make them again.')
 
@@ -117,8 +119,8 @@ def delete_records(out_dir: str) -> int:
   return len(names)
 
 
-def _history(example: lamp.Example, max_history: int):
-  return lamp.recent_history(example.profile, max_history)
+def _history(example: lamp.Example, config):
+  return lamp.recent_history(example.profile, config.data.max_history, config.data.history_order)
 
 
 def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config,
@@ -131,7 +133,7 @@ def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config,
   texts: dict[str, None] = {}
   first_text: dict[str, str] = {}
   for ex in examples:
-    for item in _history(ex, config.data.max_history):
+    for item in _history(ex, config):
       if first_text.setdefault(item.id, item.text) != item.text:
         stats['item_ids_reused_with_other_text'] += 1
       texts.setdefault(item.text)
@@ -217,7 +219,7 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
       item_emb, query_emb = _encode_shard(shard_examples, encoder, config, stats)
       with tf.io.TFRecordWriter(path + '.tmp') as w:
         for ex, text, q_emb in zip(shard_examples, shard_inputs, query_emb):
-          hist = _history(ex, config.data.max_history)
+          hist = _history(ex, config)
           h_emb = (np.stack([item_emb[i.text] for i in hist]) if hist else
                    np.zeros((0, encoder.dim), np.float32))
           w.write(records.serialize_example(

@@ -78,10 +78,21 @@ class System:
     return plug_lib.sequence_nll(self.llm, llm_params, embedded, mask, batch['target_ids'], tmask)
 
 
+def vocab_limit(config) -> int:
+  """config.llm.vocab_limit resolved: 0 = every row of the checkpoint; -1 = len(tokenizer) + 2,
+  the official code's `resize_token_embeddings` after adding its 2 placeholder tokens (32102 for
+  FlanT5, whose checkpoint has 32128 rows)."""
+  if config.llm.vocab_limit != -1:
+    return int(config.llm.vocab_limit)
+  from pplug_jax import tokenizers
+  return len(tokenizers.llm_tokenizer(config)) + 2
+
+
 def load_llm(config, mesh: Mesh) -> tuple[t5_lib.T5, dict]:
   """The frozen LLM of config.llm, loaded straight into its sharding on `mesh`."""
   rules = tuple(config.logical_axis_rules)
-  overrides = dict(remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers)
+  overrides = dict(remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers,
+                   vocab_limit=vocab_limit(config))
   llm_config, llm_params = hf_weights.load_t5(
       config.llm.path, dtype=as_dtype(config.llm.param_dtype),
       shardings=lambda boxed: partitioning.logical_shardings(boxed, mesh, rules), **overrides)
@@ -114,9 +125,20 @@ def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformat
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, o.lr, warmup),
        optax.linear_schedule(o.lr, 0.0, max(1, total_steps - warmup))], [warmup])
+  mask = hf_decay_mask if o.decay_mask == 'hf' else None
   tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                   optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay))
+                   optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay,
+                               mask=mask))
   return tx, schedule
+
+
+def hf_decay_mask(params: dict) -> dict:
+  """True where Hugging Face's Trainer applies weight decay: not biases, not LayerNorm weights
+  (our norm modules' names end in 'norm')."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({
+      k: not (k[-1] == 'bias' or (len(k) > 1 and k[-2].endswith('norm'))) for k in flat})
 
 
 def make_train_step(system: System, tx: optax.GradientTransformation):

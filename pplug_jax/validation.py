@@ -69,6 +69,10 @@ def _problems_of_values(c) -> list[str]:
   need(c.plug.retrieval in PLUG_RETRIEVAL, 'plug.retrieval',
        f'use one of {list(PLUG_RETRIEVAL)} (\'\' = the plain input)')
   need(c.plug.retrieval_k >= 1, 'plug.retrieval_k', 'must be >= 1')
+  one_of('optim.decay_mask', ('all', 'hf'))
+  one_of('data.history_order', ('date', 'file'))
+  need(c.llm.vocab_limit >= -1, 'llm.vocab_limit',
+       'use 0 (every row), -1 (len(tokenizer) + 2, as the official code) or a row count')
   need(c.optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0')
   need(0 <= c.optim.warmup_frac < 1, 'optim.warmup_frac', 'must be in [0, 1)')
   need(c.optim.max_steps == -1 or c.optim.max_steps > 0, 'optim.max_steps',

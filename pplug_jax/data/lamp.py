@@ -193,10 +193,15 @@ def load_split(lamp_dir: str, task: str, split: str, split_type: str = 'user') -
   return [dataclasses.replace(e, output=golds[e.id]) for e in examples]
 
 
-def recent_history(items: Sequence[ProfileItem], max_items: int) -> tuple[ProfileItem, ...]:
-  """The most recent `max_items`, oldest first: sorted by date when every item has one."""
+def recent_history(items: Sequence[ProfileItem], max_items: int,
+                   order: str = 'date') -> tuple[ProfileItem, ...]:
+  """The most recent `max_items`, oldest first: sorted by date when every item has one.
+
+  order='file' keeps the file's order and takes its last items (the official code's
+  `his_id[-512:]`).
+  """
   items = tuple(items)
-  if items and all(i.date for i in items):
+  if order == 'date' and items and all(i.date for i in items):
     items = tuple(sorted(items, key=lambda i: _date_key(i.date)))
   return items[-max_items:] if max_items > 0 else ()
 

@@ -58,6 +58,7 @@ class T5Config:
   param_dtype: Any = jnp.float32
   remat_policy: str = 'none'         # 'none' | 'full' | 'dots_with_no_batch_dims'
   scan_layers: bool = False
+  vocab_limit: int = 0               # > 0: logits of ids >= it are -inf (a resized vocabulary)
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> 'T5Config':
@@ -338,7 +339,10 @@ class Decoder(nn.Module):
     else:
       logits = Dense(c.vocab_size, ('embed', 'vocab'), dtype=c.dtype,
                      param_dtype=c.param_dtype, name='logits_dense')(x)
-    return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab')), new_cache
+    logits = logits.astype(jnp.float32)
+    if c.vocab_limit:  # as after resize_token_embeddings(vocab_limit): those ids do not exist
+      logits = jnp.where(jnp.arange(c.vocab_size) < c.vocab_limit, logits, NEG_INF)
+    return constrain(logits, ('batch', 'length', 'vocab')), new_cache
 
 
 class T5(nn.Module):

@@ -1,0 +1,117 @@
+"""The `reference` preset's rows against the official behaviour (transformers, HF Trainer)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import lamp as lamp_config
+from pplug_jax import decoding, system as system_lib, validation
+from pplug_jax.data import lamp
+from pplug_jax.models import hf_weights, t5
+
+LIMIT = 90  # of the tiny model's 96 rows
+
+
+def test_preset_selects_each_row_and_is_valid():
+  c = lamp_config.get_config('task=2,size=xxl,reference')
+  assert c.plug.persona_scale == 539.9738 and c.llm.vocab_limit == -1
+  assert c.data.history_order == 'file' and c.encoder.mode == 'finetune'
+  assert c.optim.decay_mask == 'hf'
+  validation.check_config(c, num_devices=1, process_count=1)
+  plain = lamp_config.get_config('task=2,size=xxl')
+  assert plain.plug.persona_scale == -1 and plain.llm.vocab_limit == 0
+
+
+def test_vocab_limit_equals_transformers_after_resize_token_embeddings(tiny_t5):
+  path, ref = tiny_t5['v1.1']
+  config, params = hf_weights.load_t5(path, vocab_limit=LIMIT)
+  model = t5.T5(config)
+  import copy
+  resized = copy.deepcopy(ref).eval()
+  resized.resize_token_embeddings(LIMIT)
+  # Under the official code's transformers 4 the untied head is cut to its first rows too;
+  # transformers 5 re-ties it to the embedding instead, so the cut head is put back by hand.
+  resized.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight[:LIMIT].detach().clone())
+  assert resized.get_input_embeddings().weight.shape[0] == LIMIT
+  rng = np.random.RandomState(0)
+  ids = rng.randint(2, LIMIT, (2, 7))
+  targets = rng.randint(2, LIMIT, (2, 5))
+  with torch.no_grad():
+    out = resized(input_ids=torch.tensor(ids), labels=torch.tensor(targets))
+  assert out.logits.shape[-1] == LIMIT
+  emb = model.apply({'params': params}, jnp.asarray(ids), method=t5.T5.embed)
+  mask = jnp.ones(ids.shape, jnp.int32)
+  logits = np.asarray(model.apply({'params': params}, emb, mask,
+                                  t5.shift_right(jnp.asarray(targets), 0)))
+  np.testing.assert_allclose(logits[..., :LIMIT], out.logits.numpy(), atol=1e-4)
+  assert (logits[..., LIMIT:] <= -1e8).all()
+  nll = float(t5.token_nll(jnp.asarray(logits), jnp.asarray(targets), jnp.ones(targets.shape)))
+  assert abs(nll - float(out.loss)) <= 1e-4
+  # greedy decoding matches argmax decoding of the resized torch model (transformers 5's
+  # generate fails on this model's unequal encoder/decoder depths, so the loop is written here)
+  dec = torch.zeros((2, 1), dtype=torch.long)
+  with torch.no_grad():
+    for _ in range(6):
+      step = resized(input_ids=torch.tensor(ids), decoder_input_ids=dec).logits[:, -1]
+      dec = torch.cat([dec, step.argmax(-1, keepdim=True)], axis=1)
+  want = dec.numpy()[:, 1:]
+  got = np.asarray(decoding.greedy(model, params, emb, mask, 6))
+  for row_want, row_got in zip(want, got):
+    end = list(row_want).index(1) + 1 if 1 in row_want else len(row_want)  # up to </s>
+    np.testing.assert_array_equal(row_got[:end], row_want[:end])
+  beams, _ = decoding.beam_search(model, params, emb, mask, 6, 3)
+  assert np.asarray(beams).max() < LIMIT
+
+
+def test_vocab_limit_minus_one_is_the_tokenizer_plus_two_placeholders():
+  c = lamp_config.get_config('demo')
+  c.llm.vocab_limit = -1
+  from pplug_jax import tokenizers
+  assert system_lib.vocab_limit(c) == len(tokenizers.llm_tokenizer(c)) + 2
+  c.llm.vocab_limit = 0
+  assert system_lib.vocab_limit(c) == 0
+
+
+def test_hf_decay_mask_matches_the_trainers_decay_parameters(tiny_bert):
+  """Row 8: the same parameters decay as under HF Trainer (no biases, no LayerNorm weights)."""
+  from flax import traverse_util
+  from transformers import Trainer
+  path, torch_model = tiny_bert
+  bconf, params = hf_weights.load_bert(path)
+  decayed_hf = set(Trainer.get_decay_parameter_names(None, torch_model))
+  mapping = hf_weights._bert_mapping(bconf, '')
+  mask = traverse_util.flatten_dict(system_lib.hf_decay_mask(params))
+  ours = {mapping[k][0] for k, decays in mask.items() if decays and k in mapping}
+  theirs = {n for n in decayed_hf if n in {v[0] for v in mapping.values()}}
+  assert ours == theirs and len(ours) > 5
+  plug = {'inst_token': 0, 'align_mlp': {'fc1': {'kernel': 0, 'bias': 0}}}
+  assert system_lib.hf_decay_mask(plug) == {'inst_token': True,
+                                            'align_mlp': {'fc1': {'kernel': True, 'bias': False}}}
+
+
+def test_decay_mask_changes_the_update_of_biases_only(tiny_t5):
+  c = lamp_config.get_config('demo')
+  c.optim.weight_decay = 0.5
+  params = {'w': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  out = {}
+  for mask in ('all', 'hf'):
+    c.optim.decay_mask = mask
+    tx, _ = system_lib.build_optimizer(c, 10)
+    state = tx.init(params)
+    for _ in range(2):  # the schedule's first learning rate is 0
+      updates, state = tx.update(zero, state, params)
+    out[mask] = updates
+  assert float(out['all']['w']['bias'][0]) < 0 and float(out['hf']['w']['bias'][0]) == 0.0
+  assert float(out['hf']['w']['kernel'][0, 0]) == float(out['all']['w']['kernel'][0, 0]) < 0
+
+
+def test_history_order_file_keeps_the_last_items_of_the_file():
+  items = [lamp.ProfileItem(str(i), f't{i}', d) for i, d in
+           enumerate(['2020-05-01', '2019-01-01', '2021-01-01', '2018-01-01'])]
+  assert [i.id for i in lamp.recent_history(items, 2, 'file')] == ['2', '3']
+  assert [i.id for i in lamp.recent_history(items, 2, 'date')] == ['0', '2']
