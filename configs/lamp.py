@@ -73,6 +73,7 @@ def get_config(arg=None):
   c.data.query_max_length = 512
   c.data.augment_copies = 10    # extra copies of a history with > 2 items, 0 = off
   c.data.augment_max_drop = 0.5
+  c.data.augment_fixed = False  # True: the same copies every epoch, each dropping >= 1 (official)
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2
 
@@ -156,6 +157,7 @@ def _reference(c):
   c.data.history_order = 'file'                  # row 4: his_id[-512:] in file order
   c.encoder.mode = 'finetune'                    # row 6: the query-side BGE is trained
   c.optim.decay_mask = 'hf'                      # row 8: no decay on biases and LayerNorm
+  c.data.augment_fixed = True                    # row 9: copies made once, each drops >= 1
 
 
 def _demo(c):

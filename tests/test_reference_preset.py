@@ -115,3 +115,41 @@ def test_history_order_file_keeps_the_last_items_of_the_file():
            enumerate(['2020-05-01', '2019-01-01', '2021-01-01', '2018-01-01'])]
   assert [i.id for i in lamp.recent_history(items, 2, 'file')] == ['2', '3']
   assert [i.id for i in lamp.recent_history(items, 2, 'date')] == ['0', '2']
+
+
+def test_fixed_augmentation_repeats_its_copies_and_each_drops_an_item(tmp_path, minilm_path):
+  """Row 9: copies made once (the same every epoch), each with at least one item dropped."""
+  import collections
+  import itertools
+  from pplug_jax import precompute
+  from pplug_jax.data import pipeline, synthetic
+  synthetic.generate(str(tmp_path / 'lamp'), 'LaMP_2', users={'train': 8, 'dev': 2, 'test': 1},
+                     seed=2, empty_frac=0.0, long_frac=0.0, mean_items=6)
+  c = lamp_config.get_config('demo')
+  c.data.lamp_dir, c.data.records_dir = str(tmp_path / 'lamp'), str(tmp_path / 'rec')
+  c.encoder.path, c.data.num_shards = str(minilm_path), 1
+  c.data.augment_copies, c.data.shuffle_buffer = 4, 1  # no shuffling: clean epoch boundaries
+  precompute.run(c)
+
+  def epochs(fixed):
+    c.data.augment_fixed = fixed
+    n = pipeline.num_train_examples(c, c.data.records_dir)
+    rows = list(itertools.islice(pipeline.train_batches(c, c.data.records_dir, 1), 2 * n))
+    out = []
+    for part in (rows[:n], rows[n:]):
+      seen = collections.defaultdict(list)
+      for b in part:
+        seen[b['id'][0].decode()].append((int(b['history_mask'].sum()),
+                                          round(float(b['history'].sum()), 4)))
+      out.append({k: sorted(v) for k, v in seen.items()})
+    return out
+
+  first, second = epochs(True)
+  assert first == second  # the same copies come back
+  for copies in first.values():
+    full = max(length for length, _ in copies)
+    if len(copies) > 1:  # histories with > 2 items: the original and 4 copies
+      assert len(copies) == 5
+      assert sum(length < full for length, _ in copies) == 4  # every copy dropped >= 1 item
+  first, second = epochs(False)
+  assert first != second  # redrawn every pass

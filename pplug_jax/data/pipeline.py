@@ -82,18 +82,29 @@ def pad_example(ex: dict[str, tf.Tensor], config,
   return out
 
 
-def drop_history_items(hist: tf.Tensor, seed: tf.Tensor, max_drop: float) -> tf.Tensor:
-  """Drops a uniform-random 0..max_drop share of the rows of hist [n, d], keeping >= 1, in order."""
+def drop_history_items(hist: tf.Tensor, seed: tf.Tensor, max_drop: float,
+                       at_least_one: bool = False) -> tf.Tensor:
+  """Drops a uniform-random 0..max_drop share of the rows of hist [n, d], keeping >= 1, in order.
+
+  at_least_one: the official code's `int(n * U(0, max_drop)) + 1` rows, so a copy always
+  differs from its original.
+  """
   n = tf.shape(hist)[0]
   frac = tf.random.stateless_uniform([], seed, 0.0, max_drop)
-  drop = tf.cast(tf.floor(frac * tf.cast(n, tf.float32)), tf.int32)
+  drop = tf.cast(tf.floor(frac * tf.cast(n, tf.float32)), tf.int32) + int(at_least_one)
   keep = tf.maximum(n - drop, 1)
   scores = tf.random.stateless_uniform([n], seed + tf.constant([0, 1], tf.int64))
   idx = tf.sort(tf.math.top_k(scores, keep).indices)
   return tf.gather(hist, idx)
 
 
-def _augment(copies: int, max_drop: float, seed: int):
+def _augment(copies: int, max_drop: float, seed: int, fixed: bool = False):
+  """The reference's extra copies of histories with > 2 items, each dropping some items.
+
+  fixed=False draws every copy anew on every pass; fixed=True (the official code) keys each
+  copy by (example id, copy number), so the same copies come back every epoch, and each drops
+  at least one item.
+  """
 
   def expand(ex):
     k = tf.where(ex['history_length'] > 2, copies + 1, 1)
@@ -101,11 +112,15 @@ def _augment(copies: int, max_drop: float, seed: int):
 
   def apply(index, ex_copy):
     ex, copy = ex_copy
-    pair = tf.stack([tf.constant(seed, tf.int64), index])
+    if fixed:
+      pair = tf.stack([tf.strings.to_hash_bucket_fast(ex['id'], 2**62),
+                       tf.constant(seed * 4096, tf.int64) + copy])
+    else:
+      pair = tf.stack([tf.constant(seed, tf.int64), index])
     hist = ex['history_embeddings']
     ex = dict(ex)
     ex['history_embeddings'] = tf.cond(
-        copy > 0, lambda: drop_history_items(hist, pair, max_drop),
+        copy > 0, lambda: drop_history_items(hist, pair, max_drop, at_least_one=fixed),
         lambda: hist)
     return ex
 
@@ -190,7 +205,8 @@ def _stream(config, meta: dict[str, Any], files: list[str], seed: int, batch_siz
   ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat()  # endless: every process stops on the same step count, none runs out first
   if config.data.augment_copies > 0:
-    expand, apply = _augment(config.data.augment_copies, config.data.augment_max_drop, seed)
+    expand, apply = _augment(config.data.augment_copies, config.data.augment_max_drop, seed,
+                             config.data.augment_fixed)
     ds = ds.flat_map(expand).enumerate().map(apply)
     ds = ds.shuffle(config.data.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=False)
   ds = ds.map(lambda ex: pad_example(ex, config), num_parallel_calls=tf.data.AUTOTUNE)
