@@ -71,6 +71,7 @@ def get_config(arg=None):
   c.data.history_order = 'date'  # 'date': the most recent by date | 'file': the last in the file
   c.data.item_max_length = 512  # encoder tokens per profile item
   c.data.query_max_length = 512
+  c.data.query_source = 'input'  # 'input' | 'truncated_input': the official code's query text
   c.data.augment_copies = 10    # extra copies of a history with > 2 items, 0 = off
   c.data.augment_max_drop = 0.5
   c.data.augment_fixed = False  # True: the same copies every epoch, each dropping >= 1 (official)
@@ -158,6 +159,9 @@ def _reference(c):
   c.encoder.mode = 'finetune'                    # row 6: the query-side BGE is trained
   c.optim.decay_mask = 'hf'                      # row 8: no decay on biases and LayerNorm
   c.data.augment_fixed = True                    # row 9: copies made once, each drops >= 1
+  c.data.query_source = 'truncated_input'        # row 3: the query from the cut LLM input,
+  c.data.query_max_length = c.data.max_input_length + 20  # with BGE's limit at input + 20
+  c.encoder.query_prefix = c.encoder.query_prefix.rstrip()  # and no space after the colon
 
 
 def _demo(c):

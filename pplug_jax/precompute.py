@@ -68,6 +68,8 @@ def fingerprint(config) -> dict[str, Any]:
     fp['plug_retrieval'] = f'{config.plug.retrieval}:{config.plug.retrieval_k}'
   if config.data.history_order != 'date':  # likewise
     fp['history_order'] = config.data.history_order
+  if config.data.query_source != 'input':  # likewise
+    fp['query_source'] = config.data.query_source
   if config.encoder.path:
     fp.update(encoder_path=os.path.abspath(config.encoder.path),
               dim=int(hf_weights.read_hf_config(config.encoder.path)['hidden_size']),
@@ -76,7 +78,7 @@ def fingerprint(config) -> dict[str, Any]:
   return fp
 
 
-_OPTIONAL_KEYS = ('plug_retrieval', 'history_order')  # in a fingerprint only when set
+_OPTIONAL_KEYS = ('plug_retrieval', 'history_order', 'query_source')  # in a fingerprint only when set
 _HOW_TO_PROCEED = ('Use a new config.data.records_dir, or pass --config.data.rebuild_records=True '
                    'to delete these records and make them again.')
 
@@ -123,8 +125,20 @@ def _history(example: lamp.Example, config):
   return lamp.recent_history(example.profile, config.data.max_history, config.data.history_order)
 
 
-def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config,
-                  stats: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _query_text(config, example: lamp.Example, llm_tok) -> str:
+  """The text whose embedding steers the history attention.
+
+  data.query_source='input': the task's query from the whole input. 'truncated_input' (the
+  official code): decode(encode(input)[:max_input_length][:-1]), then its query rule.
+  """
+  if config.data.query_source == 'input':
+    return example.query
+  ids = llm_tok(example.input)['input_ids'][:config.data.max_input_length][:-1]
+  return lamp.official_query(config.task, llm_tok.decode(ids))
+
+
+def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config, llm_tok,
+                  stats: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
   """Embeddings of the shard's unique history texts, keyed by text, and of its queries.
 
   Items are keyed by their text, not their id: ids need only be unique within a user (other
@@ -139,10 +153,10 @@ def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config,
       texts.setdefault(item.text)
   unique = list(texts)
   item_emb = encoder.encode(unique, progress='history items')
-  queries = [config.encoder.query_prefix + ex.query for ex in examples]
-  query_emb = encoder.encode(queries, progress='queries')
+  queries = [config.encoder.query_prefix + _query_text(config, ex, llm_tok) for ex in examples]
+  query_emb = encoder.encode(queries, progress='queries', max_length=config.data.query_max_length)
   stats['items_encoded'] += len(unique) + len(queries)
-  return dict(zip(unique, item_emb)), query_emb
+  return dict(zip(unique, item_emb)), query_emb, queries
 
 
 def _llm_inputs(config, split: str, examples: list[lamp.Example], llm_tok) -> list[str]:
@@ -216,9 +230,10 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
         return meta
       shard_examples = [examples[i] for i in rows]
       shard_inputs = [llm_inputs[i] for i in rows]
-      item_emb, query_emb = _encode_shard(shard_examples, encoder, config, stats)
+      item_emb, query_emb, queries = _encode_shard(shard_examples, encoder, config, llm_tok,
+                                                   stats)
       with tf.io.TFRecordWriter(path + '.tmp') as w:
-        for ex, text, q_emb in zip(shard_examples, shard_inputs, query_emb):
+        for ex, text, query, q_emb in zip(shard_examples, shard_inputs, queries, query_emb):
           hist = _history(ex, config)
           h_emb = (np.stack([item_emb[i.text] for i in hist]) if hist else
                    np.zeros((0, encoder.dim), np.float32))
@@ -231,8 +246,7 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
               if ex.output is not None else [],
               target_text=ex.output or '',
               query_embedding=q_emb,
-              query_encoder_ids=encoder.tokenize([config.encoder.query_prefix + ex.query],
-                                                 config.data.query_max_length)[0],
+              query_encoder_ids=encoder.tokenize([query], config.data.query_max_length)[0],
               history_embeddings=h_emb, history_dates=[i.date for i in hist],
               history_item_ids=[i.id for i in hist],
               embedding_dtype=config.data.embedding_dtype))

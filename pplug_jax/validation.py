@@ -71,6 +71,7 @@ def _problems_of_values(c) -> list[str]:
   need(c.plug.retrieval_k >= 1, 'plug.retrieval_k', 'must be >= 1')
   one_of('optim.decay_mask', ('all', 'hf'))
   one_of('data.history_order', ('date', 'file'))
+  one_of('data.query_source', ('input', 'truncated_input'))
   need(c.llm.vocab_limit >= -1, 'llm.vocab_limit',
        'use 0 (every row), -1 (len(tokenizer) + 2, as the official code) or a row count')
   need(c.optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0')

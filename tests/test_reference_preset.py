@@ -153,3 +153,41 @@ def test_fixed_augmentation_repeats_its_copies_and_each_drops_an_item(tmp_path, 
       assert sum(length < full for length, _ in copies) == 4  # every copy dropped >= 1 item
   first, second = epochs(False)
   assert first != second  # redrawn every pass
+
+
+def test_query_from_the_truncated_input_as_the_official_code(tmp_path, minilm_path):
+  """Row 3: decode(encode(input)[:max_input_len][:-1]), the official marker rule, no space after
+  the prefix's colon, and the encoder's limit at max_input_len + 20."""
+  import json
+  import tensorflow as tf
+  from pplug_jax import precompute, tokenizers
+  from pplug_jax.data import records, synthetic
+  synthetic.generate(str(tmp_path / 'lamp'), 'LaMP_2', users={'train': 3, 'dev': 4, 'test': 1},
+                     seed=4, empty_frac=0.0, long_frac=0.0, mean_items=3)
+  c = lamp_config.get_config('demo,reference')
+  c.data.lamp_dir, c.data.records_dir = str(tmp_path / 'lamp'), str(tmp_path / 'rec')
+  c.encoder.path, c.data.num_shards = str(minilm_path), 1
+  c.encoder.mode = 'frozen'
+  c.encoder.query_prefix = 'Represent this sentence for searching relevant passages:'
+  c.data.max_input_length = 200  # ByT5: 199 bytes of the ~200-byte prompts survive
+  c.data.query_max_length = 220
+  meta = precompute.run(c)
+  assert meta['fingerprint']['query_source'] == 'truncated_input'
+  parse = records.parse_fn(meta['fingerprint']['dim'], meta['fingerprint']['embedding_dtype'])
+  recs = {r['id'].decode(): r for r in tf.data.TFRecordDataset(
+      records.split_shards(c.data.records_dir, 'dev')).map(parse).as_numpy_iterator()}
+  bert_tok = tokenizers.load_tokenizer(str(minilm_path))
+  with open(tmp_path / 'lamp' / 'LaMP_2' / 'dev_questions.json') as f:
+    questions = json.load(f)
+  cut_some = False
+  for q in questions:
+    text = q['input'].encode()[:199].decode()  # 200 byte tokens, minus the last one
+    cut_some |= text != q['input']
+    marker = 'description: '
+    query = text[text.find(marker) + len(marker):]
+    want = bert_tok([c.encoder.query_prefix + query], truncation=True,
+                    max_length=220)['input_ids'][0]
+    assert list(recs[q['id']]['query_encoder_ids']) == want
+  assert cut_some
+  assert lamp.official_query('LaMP_3', 'no marker at all') == 'er at all'  # find() == -1: [7:]
+  assert lamp.official_query('LaMP_1', 'the title "Deep nets", which ref') == 'Deep nets'

@@ -66,6 +66,24 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+# The official PPlug code's query markers (code/PersonalDataset_profile.py, `process_qry`).
+_OFFICIAL_MARKERS = {'LaMP_2': 'description: ', 'LaMP_3': 'review: ', 'LaMP_4': 'article: ',
+                     'LaMP_5': 'paper: ', 'LaMP_7': 'before or after it: '}
+
+
+def official_query(task: str, text: str) -> str:
+  """The query the official code embeds, quirks kept: a missing marker is found at -1, so the
+  slice starts len(marker) - 1 characters in; LaMP-1 takes the text between 'title "' and '",'."""
+  name = task_spec(task).name
+  if name == 'LaMP_1':
+    start = text.find('title "') + len('title "')
+    return text[start:text.find('",', start)]
+  marker = _OFFICIAL_MARKERS.get(name)
+  if marker is None:
+    raise LampError(f'{name}: the official code has no query rule for this task.')
+  return text[text.find(marker) + len(marker):]
+
+
 def task_spec(task: str) -> TaskSpec:
   """'LaMP_2', 'LaMP-2', '2' or 2 -> its TaskSpec."""
   key = str(task).replace('-', '_')

@@ -37,19 +37,21 @@ class TextEncoder:
     return self.tokenizer(list(texts), truncation=True,
                           max_length=max_length or self.max_length)['input_ids']
 
-  def encode(self, texts: Sequence[str], progress: str | None = None) -> np.ndarray:
+  def encode(self, texts: Sequence[str], progress: str | None = None,
+             max_length: int | None = None) -> np.ndarray:
     """[len(texts), dim] float32 embeddings, computed in length-sorted batches."""
     out = np.zeros((len(texts), self.dim), np.float32)
     if not texts:
       return out
-    ids = self.tokenize(texts)
+    max_length = min(max_length or self.max_length, self.config.max_position_embeddings)
+    ids = self.tokenize(texts, max_length)
     order = np.argsort([len(x) for x in ids], kind='stable')
     bar = tqdm(total=len(texts), desc=progress, unit='items', disable=progress is None,
                mininterval=2.0)
     pad = self.tokenizer.pad_token_id or 0
     for start in range(0, len(order), self.batch_size):
       rows = order[start:start + self.batch_size]
-      length = _bucket(max(len(ids[r]) for r in rows), self.max_length)
+      length = _bucket(max(len(ids[r]) for r in rows), max_length)
       batch = np.full((self.batch_size, length), pad, np.int32)
       mask = np.zeros((self.batch_size, length), np.int32)
       for j, r in enumerate(rows):
