@@ -83,6 +83,7 @@ def get_config(arg=None):
   c.encoder.mode = 'frozen'     # 'frozen': precomputed query embedding | 'finetune'
   c.encoder.batch_size = 64
   c.encoder.dtype = 'float32'
+  c.encoder.dropout_rate = 0.0  # in the fine-tuned query encoder during training (official: 0.1)
 
   c.llm = ml_collections.ConfigDict()
   c.llm.name = f'google/flan-t5-{size}'
@@ -93,6 +94,7 @@ def get_config(arg=None):
   c.llm.remat_policy = 'none' if size in ('small', 'base') else 'dots_with_no_batch_dims'
   c.llm.scan_layers = size in ('xl', 'xxl')
   c.llm.vocab_limit = 0         # 0: all rows; -1: len(tokenizer) + 2 (the official resize); N
+  c.llm.dropout_rate = 0.0      # in the frozen LLM during training steps only (official: 0.1)
 
   c.plug = ml_collections.ConfigDict()
   c.plug.persona_scale = -1.0   # -1: mean L2 norm of the backbone's token embeddings
@@ -159,6 +161,8 @@ def _reference(c):
   c.encoder.mode = 'finetune'                    # row 6: the query-side BGE is trained
   c.optim.decay_mask = 'hf'                      # row 8: no decay on biases and LayerNorm
   c.data.augment_fixed = True                    # row 9: copies made once, each drops >= 1
+  c.llm.dropout_rate = 0.1                       # row 7: dropout while training, in FlanT5
+  c.encoder.dropout_rate = 0.1                   # and in BGE
   c.data.query_source = 'truncated_input'        # row 3: the query from the cut LLM input,
   c.data.query_max_length = c.data.max_input_length + 20  # with BGE's limit at input + 20
   c.encoder.query_prefix = c.encoder.query_prefix.rstrip()  # and no space after the colon

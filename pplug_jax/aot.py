@@ -102,7 +102,8 @@ def topology_devices(name: str) -> list[Any]:
 def llm_config_for(config) -> t5_lib.T5Config:
   """The backbone's T5Config: from config.llm.path's config.json, else the FlanT5 table."""
   overrides = dict(dtype=config.llm.dtype, param_dtype=config.llm.param_dtype,
-                   remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers)
+                   remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers,
+                   dropout_rate=config.llm.dropout_rate)
   if config.llm.path and os.path.exists(os.path.join(config.llm.path, 'config.json')):
     hf = hf_weights.read_hf_config(config.llm.path)
     overrides['tie_word_embeddings'] = hf.get('tie_word_embeddings', True)
@@ -123,11 +124,14 @@ def encoder_config_for(config) -> bert_lib.BertConfig:
   """The input encoder's BertConfig: from config.encoder.path, else the encoder table."""
   if config.encoder.path and os.path.exists(os.path.join(config.encoder.path, 'config.json')):
     return bert_lib.BertConfig.from_hf(hf_weights.read_hf_config(config.encoder.path),
-                                       pooling=config.encoder.pooling)
+                                       pooling=config.encoder.pooling,
+                                       dropout_rate=config.encoder.dropout_rate)
   if config.encoder.name not in ENCODERS:
     raise ConfigError(f'config.encoder.name={config.encoder.name!r}: unknown to the planner; set '
                       'config.encoder.path to a directory with its config.json.')
-  return bert_lib.BertConfig(pooling=config.encoder.pooling, **ENCODERS[config.encoder.name])
+  return bert_lib.BertConfig(pooling=config.encoder.pooling,
+                             dropout_rate=config.encoder.dropout_rate,
+                             **ENCODERS[config.encoder.name])
 
 
 def _abstract_sharded(boxed: Any, mesh: Mesh, rules) -> Any:

@@ -3,7 +3,8 @@
     python -m pplug_jax.export --workdir DIR --out OUT [--checkpoint best] [--reference_names]
 
 OUT/plug.safetensors holds the plug ('align_mlp/fc1/kernel', ..., 'inst_token'), plus
-'query_encoder/...' when the input encoder was fine-tuned; OUT/plug_config.json says which base
+'query_encoder/...' when the input encoder was fine-tuned (then also OUT/query_encoder/, a Hugging
+Face directory of the fine-tuned encoder); OUT/plug_config.json says which base
 LLM and encoder it belongs to, its dims, scales, task and dev metrics. --reference_names also
 writes OUT/pplug_reference.safetensors with the reference PyTorch names and layouts
 (inst_token, align_mlp_inst.{0,2}.{weight,bias}, align_mlp.{0,2}.{weight,bias}).
@@ -23,11 +24,12 @@ from safetensors.numpy import load_file, save_file
 from pplug_jax import checkpoints, cli, precompute, system as system_lib
 from pplug_jax.data import records
 from pplug_jax.errors import UserError
-from pplug_jax.models import hf_weights, plug as plug_lib
+from pplug_jax.models import bert as bert_lib, hf_weights, plug as plug_lib
 
 PLUG_FILE = 'plug.safetensors'
 CONFIG_FILE = 'plug_config.json'
 REFERENCE_FILE = 'pplug_reference.safetensors'
+QUERY_ENCODER_DIR = 'query_encoder'  # the fine-tuned input encoder, as a Hugging Face directory
 
 
 def _flat(tree: dict) -> dict[str, np.ndarray]:
@@ -67,6 +69,11 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
   if 'query_encoder' in trainable:
     tensors.update({f'query_encoder/{k}': v for k, v in _flat(trainable['query_encoder']).items()})
   save_file(tensors, os.path.join(out, PLUG_FILE))
+  if 'query_encoder' in trainable:  # the fine-tuned BGE, loadable by the official PersonalLLM
+    bert_config = bert_lib.BertConfig.from_hf(hf_weights.read_hf_config(config.encoder.path),
+                                              pooling=config.encoder.pooling)
+    hf_weights.save_bert(os.path.join(out, QUERY_ENCODER_DIR), config.encoder.path, bert_config,
+                         trainable['query_encoder'])
   fp = meta['fingerprint']
   plug_config = {
       'format': 'pplug_jax.plug/1', 'task': config.task, 'step': step, 'dev_metrics': metrics,
@@ -92,9 +99,9 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
     json.dump(plug_config, f, indent=1)
   if with_reference_names:
     save_file(reference_names(trainable['plug']), os.path.join(out, REFERENCE_FILE))
-  for name in (PLUG_FILE, CONFIG_FILE, REFERENCE_FILE):
-    if os.path.exists(os.path.join(out, name)):
-      os.chmod(os.path.join(out, name), 0o644)  # safetensors writes 0600; exports are shared
+  for folder, _, names in os.walk(out):  # safetensors writes 0600; exports are shared
+    for name in names:
+      os.chmod(os.path.join(folder, name), 0o644)
   return plug_config
 
 

@@ -43,39 +43,59 @@ class System:
       out['query_encoder'] = self.query_encoder_params
     return jax.tree.map(jnp.asarray, out)
 
-  def soft_tokens(self, trainable: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """[I; P] for a batch, and the history attention weights."""
+  @property
+  def uses_dropout(self) -> bool:
+    """Whether a training step needs a 'dropout' rng (T5 or the query encoder has a rate)."""
+    rates = [self.llm.config.dropout_rate]
+    if self.query_encoder is not None:
+      rates.append(self.query_encoder.config.dropout_rate)
+    return max(rates) > 0.0
+
+  def soft_tokens(self, trainable: dict, batch: Batch,
+                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """[I; P] for a batch, and the history attention weights; rng turns on dropout."""
     if self.query_encoder is None:
       query = batch['query_embedding']
     else:
       query = self.query_encoder.apply({'params': trainable['query_encoder']},
                                        batch['query_encoder_ids'], batch['query_encoder_mask'],
-                                       method=bert_lib.Bert.embed_text)
+                                       method=bert_lib.Bert.embed_text, rngs=_dropout_rngs(rng, 0))
     return self.plug.apply({'params': trainable['plug']}, query, batch['history'],
                            batch['history_mask'])
 
   def encoder_inputs(self, trainable: dict | None, llm_params: dict, batch: Batch,
-             persona: bool = True) -> tuple[jax.Array, jax.Array]:
+                     persona: bool = True,
+                     rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Encoder input embeddings and mask; trainable=None is the plain frozen model."""
     soft = None
     if trainable is not None:
-      soft, _ = self.soft_tokens(trainable, batch)
+      soft, _ = self.soft_tokens(trainable, batch, rng)
       if not persona:  # ablation: keep the instruction token, zero the persona
         soft = soft.at[:, 1].set(0.0)
     return plug_lib.personalised_inputs(self.llm, llm_params, soft, batch['input_ids'],
                                         batch['input_mask'])
 
-  def loss(self, trainable: dict | None, llm_params: dict, batch: Batch) -> jax.Array:
-    """Mean target-token NLL; rows with valid == 0 (eval padding) do not count."""
-    embedded, mask = self.encoder_inputs(trainable, llm_params, batch)
-    return self.loss_from_inputs(llm_params, embedded, mask, batch)
+  def loss(self, trainable: dict | None, llm_params: dict, batch: Batch,
+           rng: jax.Array | None = None) -> jax.Array:
+    """Mean target-token NLL; rows with valid == 0 (eval padding) do not count.
+
+    With `rng` the models' dropout is on (training); without it the loss is deterministic.
+    """
+    embedded, mask = self.encoder_inputs(trainable, llm_params, batch, rng=rng)
+    return self.loss_from_inputs(llm_params, embedded, mask, batch, rng)
 
   def loss_from_inputs(self, llm_params: dict, embedded: jax.Array, mask: jax.Array,
-                       batch: Batch) -> jax.Array:
+                       batch: Batch, rng: jax.Array | None = None) -> jax.Array:
     tmask = batch['target_mask']
     if 'valid' in batch:
       tmask = tmask * batch['valid'][..., None]
-    return plug_lib.sequence_nll(self.llm, llm_params, embedded, mask, batch['target_ids'], tmask)
+    return plug_lib.sequence_nll(self.llm, llm_params, embedded, mask, batch['target_ids'], tmask,
+                                 rngs=_dropout_rngs(rng, 1))
+
+
+def _dropout_rngs(rng: jax.Array | None, which: int) -> dict | None:
+  """{'dropout': key} for one of the models (0: query encoder, 1: LLM), or None."""
+  return None if rng is None else {'dropout': jax.random.fold_in(rng, which)}
 
 
 def vocab_limit(config) -> int:
@@ -92,7 +112,7 @@ def load_llm(config, mesh: Mesh) -> tuple[t5_lib.T5, dict]:
   """The frozen LLM of config.llm, loaded straight into its sharding on `mesh`."""
   rules = tuple(config.logical_axis_rules)
   overrides = dict(remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers,
-                   vocab_limit=vocab_limit(config))
+                   vocab_limit=vocab_limit(config), dropout_rate=config.llm.dropout_rate)
   llm_config, llm_params = hf_weights.load_t5(
       config.llm.path, dtype=as_dtype(config.llm.param_dtype),
       shardings=lambda boxed: partitioning.logical_shardings(boxed, mesh, rules), **overrides)
@@ -110,7 +130,8 @@ def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
   if config.encoder.mode == 'finetune':
     bconf, query_params = hf_weights.load_bert(config.encoder.path,
                                                pooling=config.encoder.pooling,
-                                               normalize=config.encoder.normalize)
+                                               normalize=config.encoder.normalize,
+                                               dropout_rate=config.encoder.dropout_rate)
     if bconf.hidden_size != encoder_dim:
       raise ConfigError(f'config.encoder.path={config.encoder.path!r} has dim {bconf.hidden_size}, '
                       f'the records {encoder_dim}: use the encoder the records were made with.')
@@ -141,23 +162,29 @@ def hf_decay_mask(params: dict) -> dict:
       k: not (k[-1] == 'bias' or (len(k) > 1 and k[-2].endswith('norm'))) for k in flat})
 
 
-def make_train_step(system: System, tx: optax.GradientTransformation):
+def make_train_step(system: System, tx: optax.GradientTransformation, seed: int = 0):
   """(state, llm_params, batch[accum, micro, ...]) -> (state, metrics); grads only for the plug.
 
   The frozen LLM is a separate argument: it is never differentiated, has no optimizer state,
-  and is not donated.
+  and is not donated. When the models have dropout, each micro-batch gets its own key, folded
+  from the one seed and the step number, so a resumed run draws the same masks.
   """
 
   def step(state, llm_params, batch):
     grad_fn = jax.value_and_grad(system.loss)
+    n = jax.tree.leaves(batch)[0].shape[0]
+    if system.uses_dropout:
+      keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), state['step']), n)
+    else:
+      keys = None
 
-    def micro(acc, mb):
-      loss, grads = grad_fn(state['params'], llm_params, mb)
+    def micro(acc, inputs):
+      mb, key = inputs
+      loss, grads = grad_fn(state['params'], llm_params, mb, key)
       return jax.tree.map(jnp.add, acc, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state['params']))
-    (loss, grads), _ = jax.lax.scan(micro, zeros, batch)
-    n = jax.tree.leaves(batch)[0].shape[0]
+    (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, keys))
     loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -190,7 +217,7 @@ def compile_train_step(system: System, tx: optax.GradientTransformation, abstrac
   state_sharding = replicated_like(abstract_state, mesh)
   shapes = pipeline.shapes(config, system.encoder_dim)
   batch_sharding = {k: accum_sharding(mesh, rules, 2 + len(s)) for k, s in shapes.items()}
-  step_fn = jax.jit(make_train_step(system, tx),
+  step_fn = jax.jit(make_train_step(system, tx, config.seed),
                     in_shardings=(state_sharding,
                                   jax.tree.map(lambda x: x.sharding, system.llm_params),
                                   batch_sharding),

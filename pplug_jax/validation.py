@@ -72,6 +72,9 @@ def _problems_of_values(c) -> list[str]:
   one_of('optim.decay_mask', ('all', 'hf'))
   one_of('data.history_order', ('date', 'file'))
   one_of('data.query_source', ('input', 'truncated_input'))
+  for key in ('llm.dropout_rate', 'encoder.dropout_rate'):
+    section, name = key.split('.')
+    need(0 <= c[section][name] < 1, key, 'must be in [0, 1)')
   need(c.llm.vocab_limit >= -1, 'llm.vocab_limit',
        'use 0 (every row), -1 (len(tokenizer) + 2, as the official code) or a row count')
   need(c.optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0')

@@ -191,3 +191,99 @@ def test_query_from_the_truncated_input_as_the_official_code(tmp_path, minilm_pa
   assert cut_some
   assert lamp.official_query('LaMP_3', 'no marker at all') == 'er at all'  # find() == -1: [7:]
   assert lamp.official_query('LaMP_1', 'the title "Deep nets", which ref') == 'Deep nets'
+
+
+# ------------------------------------------------------------------ row 7: dropout
+
+def test_dropout_layer_drops_the_rate_and_rescales():
+  from flax import linen as nn
+  from pplug_jax.models.layers import dropout
+
+  class Drop(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return dropout(self, x, 0.1)
+
+  x = jnp.ones((200_000,))
+  y = np.asarray(Drop().apply({}, x, rngs={'dropout': jax.random.PRNGKey(3)}))
+  assert abs((y == 0).mean() - 0.1) < 0.005
+  np.testing.assert_allclose(y[y != 0], 1 / 0.9, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(Drop().apply({}, x)), np.asarray(x))  # no rng
+
+
+def test_t5_dropout_off_without_rng_and_with_rate_zero(tiny_t5):
+  path, _ = tiny_t5['v1.1']
+  config, params = hf_weights.load_t5(path)
+  rng = np.random.RandomState(1)
+  emb = jnp.asarray(rng.normal(size=(2, 6, config.d_model)).astype(np.float32))
+  mask = jnp.ones((2, 6), jnp.int32)
+  dec = jnp.asarray(rng.randint(2, 90, (2, 4)))
+  plain = np.asarray(t5.T5(config).apply({'params': params}, emb, mask, dec))
+  drop = t5.T5(dataclasses.replace(config, dropout_rate=0.1))
+  key = {'dropout': jax.random.PRNGKey(0)}
+  np.testing.assert_array_equal(np.asarray(drop.apply({'params': params}, emb, mask, dec)), plain)
+  np.testing.assert_array_equal(
+      np.asarray(t5.T5(config).apply({'params': params}, emb, mask, dec, rngs=key)), plain)
+  a = np.asarray(drop.apply({'params': params}, emb, mask, dec, rngs=key))
+  b = np.asarray(drop.apply({'params': params}, emb, mask, dec, rngs=key))
+  np.testing.assert_array_equal(a, b)  # a fixed key, a fixed result
+  assert np.abs(a - plain).max() > 1e-3  # and it does drop
+  scanned = dataclasses.replace(config, dropout_rate=0.1, scan_layers=True, remat_policy='full')
+  _, sparams = hf_weights.load_t5(path, scan_layers=True)
+  s = np.asarray(t5.T5(scanned).apply({'params': sparams}, emb, mask, dec, rngs=key))
+  assert np.isfinite(s).all() and np.abs(s - plain).max() > 1e-3
+
+
+def test_train_step_dropout_is_seeded_by_step_so_a_resume_repeats_it(tiny_t5):
+  from pplug_jax import partitioning
+  c = lamp_config.get_config('demo')
+  c.llm.path = tiny_t5['v1.1'][0]
+  c.llm.dropout_rate = 0.1
+  mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
+  system = system_lib.load_system(c, 12, mesh)
+  assert system.uses_dropout
+  rng = np.random.RandomState(0)
+  batch = {'query_embedding': rng.normal(size=(1, 2, 12)), 'history': rng.normal(size=(1, 2, 3, 12)),
+           'history_mask': np.ones((1, 2, 3)), 'input_ids': rng.randint(2, 90, (1, 2, 5)),
+           'input_mask': np.ones((1, 2, 5)), 'target_ids': rng.randint(2, 90, (1, 2, 3)),
+           'target_mask': np.ones((1, 2, 3))}
+  batch = {k: jnp.asarray(v, jnp.float32 if k in ('query_embedding', 'history') else jnp.int32)
+           for k, v in batch.items()}
+  tx, _ = system_lib.build_optimizer(c, 10)
+  params = system.init_trainable(0)
+  state0 = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
+  step = jax.jit(system_lib.make_train_step(system, tx, seed=0))
+  s1, m1 = step(state0, system.llm_params, batch)
+  straight, m2 = step(s1, system.llm_params, batch)
+  again = jax.jit(system_lib.make_train_step(system, tx, seed=0))  # a resumed process
+  resumed, m2b = again(jax.tree.map(jnp.array, s1), system.llm_params, batch)
+  assert float(m2['loss']) == float(m2b['loss'])
+  jax.tree.map(np.testing.assert_array_equal, straight['params'], resumed['params'])
+  assert float(m1['loss']) != float(m2['loss'])  # steps draw different masks
+  other, m_other = jax.jit(system_lib.make_train_step(system, tx, seed=1))(s1, system.llm_params,
+                                                                            batch)
+  assert float(m_other['loss']) != float(m2['loss'])  # the seed decides them
+
+
+def test_fine_tuned_encoder_exports_as_a_transformers_directory(minilm_path, tmp_path):
+  """Row 6's export: transformers loads the trained BERT and computes what ours computes."""
+  from transformers import AutoModel, AutoTokenizer
+  from pplug_jax.models import bert
+  config, params = hf_weights.load_bert(str(minilm_path))
+  noise = jax.random.split(jax.random.PRNGKey(0), len(jax.tree.leaves(params)))
+  trained = jax.tree.unflatten(jax.tree.structure(params), [
+      np.asarray(p) + 0.01 * np.asarray(jax.random.normal(k, p.shape))
+      for p, k in zip(jax.tree.leaves(params), noise)])
+  out = tmp_path / 'query_encoder'
+  hf_weights.save_bert(str(out), str(minilm_path), config, trained)
+  tok = AutoTokenizer.from_pretrained(str(out))
+  enc = tok(['a robot crew on a starship', 'love letters'], padding=True, return_tensors='pt')
+  with torch.no_grad():
+    want = AutoModel.from_pretrained(str(out)).eval()(**enc).last_hidden_state.numpy()
+  got = np.asarray(bert.Bert(config).apply({'params': trained}, jnp.asarray(enc['input_ids']),
+                                           jnp.asarray(enc['attention_mask'])))
+  m = enc['attention_mask'].numpy().astype(bool)
+  np.testing.assert_allclose(got[m], want[m], atol=2e-4)
+  original = AutoModel.from_pretrained(str(minilm_path))
+  assert not np.allclose(original.embeddings.word_embeddings.weight.detach().numpy(),
+                         np.asarray(trained['word_embeddings']['embedding']))

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pplug_jax.models.layers import (NEG_INF, Dense, Embed, constrain, multihead_attention,
-                                     param)
+from pplug_jax.models.layers import (NEG_INF, Dense, Embed, constrain, dropout,
+                                     multihead_attention, param)
 from pplug_jax.models.t5 import as_dtype
 
 POOLINGS = ('cls', 'mean')
@@ -30,6 +30,7 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   hidden_act: str = 'gelu'
   pooling: str = 'cls'
+  dropout_rate: float = 0.0  # applied only when a 'dropout' rng is given (training)
   normalize: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -86,13 +87,15 @@ class BertLayer(nn.Module):
     q = heads(dense(c.hidden_size, ('embed', 'joined_kv'), name='query')(x))
     k = heads(dense(c.hidden_size, ('embed', 'joined_kv'), name='key')(x))
     v = heads(dense(c.hidden_size, ('embed', 'joined_kv'), name='value')(x))
-    att = multihead_attention(q, k, v, bias, scale=d**-0.5)
+    att = multihead_attention(q, k, v, bias, scale=d**-0.5,
+                              weights_dropout=lambda w: dropout(self, w, c.dropout_rate))
     att = dense(c.hidden_size, ('joined_kv', 'embed'), name='attention_out')(
         att.reshape(*att.shape[:-2], -1))
-    x = ln(name='attention_norm')(x + att)
+    x = ln(name='attention_norm')(x + dropout(self, att, c.dropout_rate))
     m = _ACT[c.hidden_act](dense(c.intermediate_size, ('embed', 'mlp'), name='wi')(x))
     m = dense(c.hidden_size, ('mlp', 'embed'), name='wo')(m)
-    return constrain(ln(name='mlp_norm')(x + m), ('batch', 'length', 'embed'))
+    return constrain(ln(name='mlp_norm')(x + dropout(self, m, c.dropout_rate)),
+                     ('batch', 'length', 'embed'))
 
 
 class Bert(nn.Module):
@@ -114,7 +117,7 @@ class Bert(nn.Module):
          emb(c.type_vocab_size, axes=('token_type', 'embed'),
              name='token_type_embeddings')(token_type_ids))
     x = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name='embeddings_norm')(x)
-    x = constrain(x, ('batch', 'length', 'embed'))
+    x = constrain(dropout(self, x, c.dropout_rate), ('batch', 'length', 'embed'))
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF)
     for i in range(c.num_hidden_layers):
       x = BertLayer(c, name=f'layers_{i}')(x, bias)

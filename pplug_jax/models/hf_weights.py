@@ -420,6 +420,34 @@ def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable 
   return config, params
 
 
+def save_bert(out_dir: str, source_dir: str, config: bert_lib.BertConfig, params: Params) -> None:
+  """Writes (fine-tuned) BERT params as a Hugging Face directory beside the original's files.
+
+  The original checkpoint's tensors are kept (the pooler, say) and every mapped one replaced;
+  its config, tokenizer and sentence-transformers files are copied, so transformers'
+  `AutoModel.from_pretrained(out_dir)` (the official code's loader) gets the trained encoder.
+  """
+  import shutil
+  from safetensors.numpy import save_file
+  ckpt = SafetensorsDir(source_dir)
+  prefix = 'bert.' if any(k.startswith('bert.') for k in ckpt.keys()) else ''
+  tensors = {k: np.array(ckpt.get(k), dtype=np.float32) for k in ckpt.keys()}
+  flat = traverse_util.flatten_dict(params)
+  for ours, (theirs, fn) in _bert_mapping(config, prefix).items():
+    tensors[theirs] = np.ascontiguousarray(fn(np.asarray(flat[ours], np.float32)))
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, 'model.safetensors'))
+  for name in os.listdir(source_dir):
+    src = os.path.join(source_dir, name)
+    if name.endswith(('.safetensors', '.bin', '.index.json', '.h5', '.msgpack', '.onnx')):
+      continue
+    if os.path.isdir(src):
+      if not os.path.exists(os.path.join(out_dir, name)) and name in ('1_Pooling', '2_Normalize'):
+        shutil.copytree(src, os.path.join(out_dir, name))
+    else:
+      shutil.copy(src, os.path.join(out_dir, name))
+
+
 def sentence_transformers_pooling(path: str) -> dict[str, Any]:
   """Pooling and normalisation declared by a sentence-transformers directory, if any."""
   out: dict[str, Any] = {}

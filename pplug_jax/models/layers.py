@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +65,22 @@ class Embed(nn.Module):
     return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
 
+def dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout (T5X/HF semantics) while training, the identity otherwise.
+
+  Training is when the module was applied with a 'dropout' rng (rngs={'dropout': key}); without
+  one (evaluation, generation) this is exactly the deterministic model.
+  """
+  if rate <= 0.0 or not module.has_rng('dropout'):
+    return x
+  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
-                        scale: float = 1.0) -> jax.Array:
+                        scale: float = 1.0,
+                        weights_dropout: Callable[[jax.Array], jax.Array] | None = None
+                        ) -> jax.Array:
   """Softmax attention in float32.
 
   q: [Bq, Tq, H, D]; k, v: [Bk, Tk, H, D] with Bq a multiple g of Bk, so several query rows
@@ -85,6 +99,8 @@ def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Arra
       logits = logits + bias[:, None]
     else:
       logits = logits + bias.reshape(bk, g, *bias.shape[1:])
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bghqk,bkhd->bgqhd', weights, v)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if weights_dropout is not None:
+    weights = weights_dropout(weights)
+  out = jnp.einsum('bghqk,bkhd->bgqhd', weights.astype(v.dtype), v)
   return out.reshape(bq, tq, h, d)

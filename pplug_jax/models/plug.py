@@ -89,10 +89,11 @@ def personalised_inputs(llm: t5_lib.T5, llm_params: dict, soft: jax.Array | None
 
 
 def sequence_nll(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Array,
-                 target_ids: jax.Array, target_mask: jax.Array) -> jax.Array:
-  """Mean token NLL of the targets under the (frozen) encoder-decoder."""
+                 target_ids: jax.Array, target_mask: jax.Array,
+                 rngs: dict | None = None) -> jax.Array:
+  """Mean token NLL of the targets under the (frozen) encoder-decoder; rngs: its dropout."""
   dec_in = t5_lib.shift_right(target_ids, llm.config.decoder_start_token_id)
-  logits = llm.apply({'params': llm_params}, embedded, mask, dec_in)
+  logits = llm.apply({'params': llm_params}, embedded, mask, dec_in, rngs=rngs)
   return t5_lib.token_nll(logits, target_ids, target_mask)
 
 

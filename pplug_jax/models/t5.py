@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pplug_jax.models.layers import (NEG_INF, Dense, Embed, constrain, multihead_attention,
-                                     param)
+from pplug_jax.models.layers import (NEG_INF, Dense, Embed, constrain, dropout,
+                                     multihead_attention, param)
 
 Cache = dict[str, jax.Array]
 
@@ -59,6 +59,7 @@ class T5Config:
   remat_policy: str = 'none'         # 'none' | 'full' | 'dots_with_no_batch_dims'
   scan_layers: bool = False
   vocab_limit: int = 0               # > 0: logits of ids >= it are -inf (a resized vocabulary)
+  dropout_rate: float = 0.0          # applied only when a 'dropout' rng is given (training)
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> 'T5Config':
@@ -174,7 +175,8 @@ class Attention(nn.Module):
     return k, v
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    out = multihead_attention(q, k, v, bias)
+    out = multihead_attention(q, k, v, bias, weights_dropout=lambda w: dropout(
+        self, w, self.config.dropout_rate))
     return self.out(out.reshape(*out.shape[:-2], -1))
 
 
@@ -192,7 +194,7 @@ class MlpBlock(nn.Module):
           c.d_ff, ('embed', 'mlp'), name='wi_1')(x)
     else:
       h = act(dense(c.d_ff, ('embed', 'mlp'), name='wi')(x))
-    h = constrain(h, ('batch', 'length', 'mlp'))
+    h = constrain(dropout(self, h, c.dropout_rate), ('batch', 'length', 'mlp'))
     return dense(c.d_model, ('mlp', 'embed'), name='wo')(h)
 
 
@@ -207,8 +209,9 @@ class EncoderLayer(nn.Module):
     h = norm(name='pre_attention_layer_norm')(x)
     attn = Attention(c, name='attention')
     k, v = attn.project_kv(h)
-    x = x + attn.attend(attn.project_q(h), k, v, bias)
-    x = x + MlpBlock(c, name='mlp')(norm(name='pre_mlp_layer_norm')(x))
+    x = x + dropout(self, attn.attend(attn.project_q(h), k, v, bias), c.dropout_rate)
+    x = x + dropout(self, MlpBlock(c, name='mlp')(norm(name='pre_mlp_layer_norm')(x)),
+                    c.dropout_rate)
     return constrain(x, ('batch', 'length', 'embed')), None
 
 
@@ -236,7 +239,7 @@ class DecoderLayer(nn.Module):
       v = jax.lax.dynamic_update_slice(cache['self_v'], v.astype(cache['self_v'].dtype),
                                        (0, decode_index, 0, 0))
       new_cache = {'self_k': k, 'self_v': v}
-    x = x + attn.attend(attn.project_q(h), k, v, self_bias)
+    x = x + dropout(self, attn.attend(attn.project_q(h), k, v, self_bias), c.dropout_rate)
 
     h = norm(name='pre_cross_attention_layer_norm')(x)
     cross = Attention(c, name='encoder_decoder_attention')
@@ -246,8 +249,9 @@ class DecoderLayer(nn.Module):
       ek, ev = cross.project_kv(encoded)
     if new_cache is not None:
       new_cache.update(cross_k=ek, cross_v=ev)
-    x = x + cross.attend(cross.project_q(h), ek, ev, cross_bias)
-    x = x + MlpBlock(c, name='mlp')(norm(name='pre_mlp_layer_norm')(x))
+    x = x + dropout(self, cross.attend(cross.project_q(h), ek, ev, cross_bias), c.dropout_rate)
+    x = x + dropout(self, MlpBlock(c, name='mlp')(norm(name='pre_mlp_layer_norm')(x)),
+                    c.dropout_rate)
     return constrain(x, ('batch', 'length', 'embed')), new_cache
 
 
@@ -268,7 +272,8 @@ def _layer_stack(config: T5Config, layer_cls: type[nn.Module], num_layers: int,
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
                          prevent_cse=not config.scan_layers)
   if config.scan_layers:
-    scanned = nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+    scanned = nn.scan(layer_cls, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True},
                       in_axes=in_axes, length=num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
 
@@ -300,11 +305,12 @@ class Encoder(nn.Module):
     pos = jnp.arange(embedded.shape[1])
     bias = RelativePositionBias(c, bidirectional=True, name='relpos_bias')(pos, pos)
     bias = bias + jnp.where(mask[:, None, None, :] > 0, 0.0, NEG_INF)
-    x = constrain(embedded.astype(c.dtype), ('batch', 'length', 'embed'))
+    x = dropout(self, embedded.astype(c.dtype), c.dropout_rate)
+    x = constrain(x, ('batch', 'length', 'embed'))
     stack = _layer_stack(c, EncoderLayer, c.num_encoder_layers, (nn.broadcast,))
     x, _ = stack(x, bias)
-    return constrain(RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype,
-                             name='encoder_norm')(x), ('batch', 'length', 'embed'))
+    x = RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name='encoder_norm')(x)
+    return constrain(dropout(self, x, c.dropout_rate), ('batch', 'length', 'embed'))
 
 
 class Decoder(nn.Module):
@@ -327,11 +333,13 @@ class Decoder(nn.Module):
       q_pos = decode_index + jnp.arange(decoder_input_ids.shape[1])
       self_bias = rel(q_pos, k_pos) + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, NEG_INF)
     cross_bias = jnp.where(encoder_mask[:, None, None, :] > 0, 0.0, NEG_INF)
-    x = constrain(self.shared_embedding(decoder_input_ids), ('batch', 'length', 'embed'))
+    x = dropout(self, self.shared_embedding(decoder_input_ids), c.dropout_rate)
+    x = constrain(x, ('batch', 'length', 'embed'))
     stack = _layer_stack(c, DecoderLayer, c.num_decoder_layers,
                          (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
     x, new_cache = stack(x, cache, encoded, self_bias, cross_bias, decode_index)
     x = RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name='decoder_norm')(x)
+    x = dropout(self, x, c.dropout_rate)
     if c.scale_decoder_outputs:
       x = x * (c.d_model**-0.5)
     if c.tie_word_embeddings:
