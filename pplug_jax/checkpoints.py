@@ -140,8 +140,11 @@ def check_resume_config(workdir: str, config) -> None:
 
 
 def save_config(workdir: str, config) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+  """Writes config.json atomically: a reader never sees it half-written."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + '.tmp', 'w') as f:
     f.write(config.to_json(indent=1))
+  os.replace(path + '.tmp', path)
 
 
 def load_config(workdir: str):

@@ -75,7 +75,7 @@ def prepare_records(config, workdir: str, rdir: str) -> dict[str, Any]:
     if partitioning.is_main_process():
       logging.warning('%s: records made from other inputs; deleting %d files to rebuild them '
                       '(config.data.rebuild_records).', rdir, precompute.delete_records(rdir))
-    partitioning.sync('records deleted')
+  partitioning.sync('records checked')  # every process decides on the same files
   if not _records_complete(rdir):
     logging.info('Precomputing encoder embeddings into %s', rdir)
     precompute.run(config, workdir)  # each process encodes its own shards
@@ -102,6 +102,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   validation.check_splits(config, rdir)
   config.data.num_streams = pipeline.num_streams(config)  # recorded: it fixes the data order
   checkpoints.check_resume_config(workdir, config)
+  partitioning.sync('config checked')  # every process has read the old config.json
   if partitioning.is_main_process():
     checkpoints.save_config(workdir, config)
   meta = prepare_records(config, workdir, rdir)
