@@ -81,7 +81,7 @@ def _rag_inputs(config, tok) -> list[str]:
   """LaMP RAG prompts (k = config.rag.k) for the train users, alternating BM25 and recency."""
   from pplug_jax.baselines import rag_prompt, rank_profile
   from pplug_jax.baselines.runner import raw_questions
-  _, questions = raw_questions(config, 'train')
+  _, questions, _ = raw_questions(config, 'train')
   prompts = []
   for n, q in enumerate(questions):
     if not q['profile']:

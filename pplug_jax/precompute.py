@@ -166,7 +166,7 @@ def _llm_inputs(config, split: str, examples: list[lamp.Example], llm_tok) -> li
     return [ex.input for ex in examples]
   from pplug_jax.baselines import rag_prompt, rank_profile
   from pplug_jax.baselines.runner import check_fields, raw_questions
-  qfile, questions = raw_questions(config, split)
+  qfile, questions, _ = raw_questions(config, split)
   check_fields(config.task, qfile, questions, config.plug.retrieval)
   by_id = {str(q['id']): q for q in questions}
   out = []

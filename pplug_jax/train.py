@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
@@ -108,7 +107,6 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   meta = prepare_records(config, workdir, rdir)
   spec = lamp.task_spec(config.task)
   mesh = partitioning.make_mesh(config.mesh_shape)
-  rules = tuple(config.logical_axis_rules)
   logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 

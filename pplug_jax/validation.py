@@ -7,7 +7,6 @@ present and non-empty.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -126,11 +125,7 @@ def check_config(config, num_devices: int | None = None,
 
 
 def _count_questions(path: str) -> int:
-  try:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise lamp.LampError(f'{path}: malformed JSON ({e}). Re-download the file.') from e
+  data = lamp._load_json(path)  # the one JSON reader: its error names the file
   if not isinstance(data, list):
     raise lamp.LampError(f'{path}: expected a JSON list of questions.')
   return len(data)

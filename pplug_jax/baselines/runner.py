@@ -34,13 +34,14 @@ def method_dir(workdir: str, method: str, k: int) -> str:
   return os.path.join(workdir, 'baselines', name)
 
 
-def raw_questions(config, split: str) -> tuple[str, list[dict]]:
-  """(questions file, its validated entries as dicts): the prompts need every profile field."""
+def raw_questions(config, split: str) -> tuple[str, list[dict], list[lamp.Example]]:
+  """(questions file, its entries as dicts, the validated examples): the prompts need every
+  profile field, which the parsed examples do not keep."""
   root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
   qfile, _ = lamp.split_files(root, split)
-  lamp.load_split(config.data.lamp_dir, config.task, split, config.split_type)  # validates
+  examples = lamp.load_split(config.data.lamp_dir, config.task, split, config.split_type)
   with open(qfile, encoding='utf-8') as f:
-    return qfile, json.load(f)
+    return qfile, json.load(f), examples
 
 
 def check_fields(task: str, qfile: str, questions: list[dict], method: str) -> None:
@@ -125,7 +126,7 @@ def run(config, workdir: str, method: str, k: int, split: str = 'dev',
   if k < 1:
     raise ConfigError(f'--k={k}: retrieve at least one item.')
   spec = lamp.task_spec(config.task)
-  qfile, questions = raw_questions(config, split)
+  qfile, questions, examples = raw_questions(config, split)
   check_fields(spec.name, qfile, questions, method)
   if method == 'contriever' and encoder is None:
     if not config.rag.retriever_path:
@@ -143,8 +144,7 @@ def run(config, workdir: str, method: str, k: int, split: str = 'dev',
                             'seconds': round(time.time() - start, 1)}
   golds = {}
   if split != 'test':
-    golds = {e.id: e.output for e in lamp.load_split(config.data.lamp_dir, spec.name, split,
-                                                     config.split_type)}
+    golds = {e.id: e.output for e in examples}
     result.update(metrics_lib.lamp_metrics(spec.name, outputs, [golds[i] for i in ids]))
   out = method_dir(workdir, method, k)
   if jax.process_index() == 0:

@@ -313,7 +313,7 @@ def _tied_embeddings(path: str, hf: dict[str, Any], ckpt: SafetensorsDir) -> boo
     return False
   headless = [a for a in hf.get('architectures') or [] if a in _HEADLESS]
   if hf.get('tie_word_embeddings') is False or headless:
-    why = (f'config.json says tie_word_embeddings=false' if not headless else
+    why = ('config.json says tie_word_embeddings=false' if not headless else
            f'it was saved as {headless[0]}, without an LM head')
     raise CheckpointError(f'{path}: no lm_head.weight, but {why}: the model would silently '
                           'use the embedding table as its LM head. Re-download the model, or '
