@@ -136,6 +136,36 @@ def get_config(arg=None):
   c.rag.retriever_path = ''     # Contriever's directory (facebook/contriever), for 'contriever'
   c.rag.retriever_pooling = 'mean'
 
+  # The optimised retrieval baselines (Salemi et al., SIGIR 2024); README "ROPG and RSPG".
+  c.ropg = ml_collections.ConfigDict()  # python -m pplug_jax.baselines.utility, then .ropg
+  c.ropg.candidates = 16        # l: items of the initial ranking scored per query (paper 16)
+  c.ropg.initial_ranker = 'contriever'  # 'bm25' | 'contriever' | 'recency' | 'file' (file order)
+  c.ropg.temperature = 1.0      # KD temperature (the reference's default)
+  c.ropg.kd_form = 'kl'         # 'kl' (the paper) | 'reference' (the code's cross-entropy form)
+  c.ropg.query_max_length = 512
+  c.ropg.doc_max_length = 512
+  c.ropg.dropout = 0.1          # in the retriever while training (BERT's default, as the code)
+  c.ropg.lr = 1e-5
+  c.ropg.batch_size = 64
+  c.ropg.epochs = 10
+  c.ropg.warmup_frac = 0.05
+  c.ropg.grad_clip = 1.0
+  c.ropg.checkpoint_every = 500
+
+  c.rspg = ml_collections.ConfigDict()  # python -m pplug_jax.baselines.rspg --kind pre|post
+  c.rspg.retrievers = ('none', 'bm25', 'contriever', 'recency', 'ropg-rl', 'ropg-kd')
+  c.rspg.model_path = ''        # the selection model's BERT directory; '' = rag.retriever_path
+  c.rspg.max_length = 512
+  c.rspg.temperature = 1.0
+  c.rspg.loss_form = 'kl'       # 'kl' | 'reference' (the same at temperature 1)
+  c.rspg.dropout = 0.1
+  c.rspg.lr = 1e-5
+  c.rspg.batch_size = 64
+  c.rspg.epochs = 10
+  c.rspg.warmup_frac = 0.05
+  c.rspg.grad_clip = 1.0
+  c.rspg.checkpoint_every = 500
+
   c.mesh_shape = (-1, 1)        # (data, model); -1 = all remaining devices
   c.logical_axis_rules = partitioning.STANDARD_RULES
 
@@ -175,6 +205,12 @@ def _demo(c):
       train_users=400, dev_users=100, test_users=60, num_preferences=4, mean_items=12,
       empty_frac=0.05, long_frac=0.01, signal=0.5))
   c.demo_compare = True  # after training, the ablations and the retrieval baselines (Table 1)
+  # Also ROPG-RL/KD and RSPG-Pre/Post (about 6 more minutes on 2 CPU cores), with the reduced
+  # settings below: l = 4 candidates, one epoch, batch 8, a higher learning rate, short inputs.
+  c.demo_optimized = False
+  c.ropg.update(candidates=4, lr=5e-5, batch_size=8, epochs=1, query_max_length=64,
+                doc_max_length=64, checkpoint_every=20)
+  c.rspg.update(lr=5e-5, batch_size=8, epochs=1, max_length=96, checkpoint_every=20)
   c.demo_model = ml_collections.ConfigDict(dict(
       d_model=64, num_heads=4, d_kv=16, d_ff=128, num_layers=2, pretrain_steps=500,
       pretrain_lr=3e-3))

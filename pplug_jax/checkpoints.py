@@ -92,7 +92,8 @@ def load_params(workdir: str, which: str = 'best') -> tuple[dict, int]:
 RESUMABLE_CHANGES = ('train.log_every', 'train.eval_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.eval_batch_size', 'train.max_eval_batches',
                      'eval.', 'data.prefetch', 'data.rebuild_records', 'encoder.batch_size',
-                     'mesh_shape', 'logical_axis_rules', 'demo_compare')
+                     'mesh_shape', 'logical_axis_rules', 'demo_compare', 'demo_optimized',
+                     'ropg.', 'rspg.')  # the optimised baselines check their own inputs
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:

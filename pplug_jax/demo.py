@@ -55,6 +55,7 @@ def prepare(config, workdir: str) -> None:
     if given and os.path.abspath(given) != os.path.abspath(path):
       foreign.append(f'config.{key}={given!r}')
     config[section][name] = path
+  config.rag.retriever_path = config.rag.retriever_path or config.encoder.path  # MiniLM
   if foreign:
     raise ConfigError(f'the demo (configs/lamp.py:demo) makes its own data and models in '
                       f'{os.path.join(workdir, "demo")} and refuses {", ".join(foreign)}. For '
@@ -149,6 +150,25 @@ def pretrain_tiny_t5(config, out_dir: str) -> None:
 
 
 BASELINES = ('none', 'bm25', 'recency', 'contriever')
+OPTIMIZED = ('ropg-rl', 'ropg-kd', 'rspg-pre', 'rspg-post')
+
+
+def optimized_baselines(config, workdir: str, generator, mesh) -> dict[str, dict]:
+  """ROPG-RL, ROPG-KD, RSPG-Pre and RSPG-Post on dev, trained on the demo's train split.
+
+  Utility feedback for the top `config.ropg.candidates` items, both retrievers, the pool's runs
+  on train, then both selectors; every step resumes (a finished one is reused).
+  """
+  from pplug_jax.baselines import ropg, rspg, runner, utility
+  utility.score(config, workdir, 'train', generator)
+  out = {}
+  for objective in ropg.OBJECTIVES:
+    ropg.train(config, workdir, objective, mesh)
+  for method in ('ropg-rl', 'ropg-kd'):
+    out[method] = runner.run(config, workdir, method, config.rag.k, 'dev', generator, reuse=True)
+  for kind in rspg.KINDS:
+    out[f'rspg-{kind}'] = rspg.run(config, workdir, kind, 'dev', generator, mesh)
+  return out
 
 
 def compare(config, workdir: str, mesh, evaluate: Callable, params: dict,
@@ -168,6 +188,8 @@ def compare(config, workdir: str, mesh, evaluate: Callable, params: dict,
   encoder = TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False)
   out['baselines'] = {m: runner.run(config, workdir, m, config.rag.k, 'dev', generator, encoder)
                       for m in BASELINES}
+  if config.demo_optimized:
+    out['baselines'].update(optimized_baselines(config, workdir, generator, mesh))
   with open(os.path.join(lamp.task_dir(config.data.lamp_dir, config.task),
                          'synthetic_info.json')) as f:
     out['best_non_personalised_accuracy'] = json.load(f)['best_non_personalised_accuracy']
@@ -175,7 +197,7 @@ def compare(config, workdir: str, mesh, evaluate: Callable, params: dict,
     columns = {table._column(os.path.basename(runner.method_dir(workdir, m, config.rag.k))): r
                for m, r in out['baselines'].items()}
     columns['PPlug'] = pplug_dev
-    print(f'dev (synthetic {config.task}, {len(BASELINES) + 1} methods, same frozen model):\n' +
+    print(f'dev (synthetic {config.task}, {len(columns)} methods, same frozen model):\n' +
           table.markdown({lamp.task_spec(config.task).name: columns}), flush=True)
     rows = [('PPlug with the persona zeroed', out['dev_plug_persona_zeroed']),
             ('frozen model, no plug (PPlug input)', out['dev_no_persona'])]

@@ -56,3 +56,28 @@ def lamp_metrics(task: str, predictions: Sequence[str], references: Sequence[str
   return {'rouge-1': float(np.mean([s['rouge1'].fmeasure for s in scores])) if n else 0.0,
           'rouge-L': float(np.mean([s['rougeL'].fmeasure for s in scores])) if n else 0.0,
           'unparseable': 0, 'count': n}
+
+
+def utilities(task: str, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+  """Per-example utility in [0, 1], higher is better, as the optimised baselines use it.
+
+  Salemi et al. (SIGIR 2024; LaMP's `profile_item_utilization_scorer.py`, ROPG and RSPG):
+  accuracy for LaMP-1/2, ROUGE-1 F for the generation tasks, and for LaMP-3 the absolute error
+  turned into `(worst - |y_hat - y|) / worst` with `worst = max(|y - 1|, |y - 5|)`.
+  """
+  spec = lamp.task_spec(task)
+  if len(predictions) != len(references):
+    raise ValueError(f'{len(predictions)} predictions for {len(references)} references.')
+  if spec.kind == 'classification':
+    return [float(_label_index(spec.labels, p) == _label_index(spec.labels, g))
+            for p, g in zip(predictions, references)]
+  if spec.kind == 'regression':
+    out = []
+    for p, g in zip(predictions, references):
+      y = float(g)
+      worst = max(abs(y - 1), abs(y - 5))
+      out.append((worst - abs(_rating(p.strip(), g.strip())[0] - y)) / worst)
+    return out
+  scorer = rouge_scorer.RougeScorer(['rouge1'])
+  return [scorer.score(g.strip(), p.strip())['rouge1'].fmeasure
+          for p, g in zip(predictions, references)]

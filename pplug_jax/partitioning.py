@@ -84,6 +84,20 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> N
   return NamedSharding(mesh, spec)
 
 
+def global_from_host(mesh: Mesh, rules: Sequence[tuple[str, Any]], x: np.ndarray) -> jax.Array:
+  """A global batch every process holds in full -> a jax.Array sharded on its batch axis."""
+  sharding = batch_sharding(mesh, rules, x.ndim)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def gather_to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) array, as numpy, on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def maybe_initialize_distributed() -> None:
   """Joins a multi-process JAX job when there is one; a no-op on a single host.
 

@@ -15,6 +15,8 @@ Follows LaMP-Benchmark/LaMP (`LaMP/prompts/prompts.py`, `utils.py`, `rank_profil
 Rankers: BM25 (`rank_bm25.BM25Okapi` over whitespace tokens, `get_top_n` order, ties as numpy's
 argsort leaves them), recency (by the date's integer tuple, newest first), Contriever (masked
 mean pooling, unnormalised dot product) and random (`random.choices`, with replacement, as LaMP).
+ROPG-KD and ROPG-RL rank like Contriever with their trained encoder, over ROPG's corpus, where
+each item's text ends with `" date: {date}"` (LaMP's `ROPG/prompts/prompts.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import numpy as np
 
 from pplug_jax.data import lamp
 
-METHODS = ('bm25', 'recency', 'contriever', 'random')
+ROPG_METHODS = ('ropg-kd', 'ropg-rl')
+METHODS = ('bm25', 'recency', 'contriever', 'random') + ROPG_METHODS
+DENSE_METHODS = ('contriever',) + ROPG_METHODS
 
 # The profile fields each task's RAG prompt and corpus read (dates for recency).
 REQUIRED_FIELDS = {
@@ -80,6 +84,13 @@ def query_and_corpus(task: Any, question_input: str,
   return query, corpus
 
 
+def ropg_query_and_corpus(task: Any, question_input: str,
+                          profile: Sequence[dict]) -> tuple[str, list[str]]:
+  """ROPG's query and corpus: LaMP's, with `" date: {date}"` after each item's text."""
+  query, corpus = query_and_corpus(task, question_input, profile)
+  return query, [f'{text} date: {item["date"]}' for text, item in zip(corpus, profile)]
+
+
 def _date_key(item: dict) -> tuple[int, ...]:
   return tuple(map(int, str(item['date']).split('-')))
 
@@ -88,8 +99,10 @@ def rank_profile(task: Any, question_input: str, profile: Sequence[dict], method
                  encoder: Any = None, seed: int = 0) -> list[dict]:
   """The k profile items LaMP would put in the prompt, best first.
 
-  `encoder` (for 'contriever') is any object with `encode(texts) -> [n, d]`, e.g. a
-  `pplug_jax.models.text_encoder.TextEncoder` over facebook/contriever with mean pooling.
+  `encoder` (for 'contriever', 'ropg-kd' and 'ropg-rl') is any object with
+  `encode(texts) -> [n, d]`, e.g. a `pplug_jax.models.text_encoder.TextEncoder` over
+  facebook/contriever, or over a retriever `python -m pplug_jax.baselines.ropg` trained and
+  exported (`<workdir>/ropg/<kd|rl>/retriever`), with mean pooling.
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r}: use one of {METHODS} (or none for no retrieval).')
@@ -102,12 +115,14 @@ def rank_profile(task: Any, question_input: str, profile: Sequence[dict], method
     return sorted(profile, key=_date_key)[-k:][::-1]
   if method == 'random':
     return random.Random(seed).choices(profile, k=k)
-  query, corpus = query_and_corpus(task, question_input, profile)
+  make = ropg_query_and_corpus if method in ROPG_METHODS else query_and_corpus
+  query, corpus = make(task, question_input, profile)
   if method == 'bm25':
     from rank_bm25 import BM25Okapi
     return BM25Okapi([doc.split() for doc in corpus]).get_top_n(query.split(), profile, n=k)
   if encoder is None:
-    raise ValueError("method='contriever' needs encoder= (a TextEncoder of facebook/contriever).")
+    raise ValueError(f'method={method!r} needs encoder= (a TextEncoder of facebook/contriever or '
+                     'of a trained ROPG retriever).')
   scores = encoder.encode(corpus) @ encoder.encode([query])[0]
   order = np.argsort(-scores, kind='stable')[:k]
   return [profile[i] for i in order]

@@ -18,10 +18,11 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from pplug_jax import generation, metrics as metrics_lib, partitioning, tokenizers
+from pplug_jax import fileio, generation, metrics as metrics_lib, partitioning, tokenizers
 from pplug_jax import system as system_lib
 from pplug_jax.baselines.prompts import rag_prompt
-from pplug_jax.baselines.retrieval import METHODS, REQUIRED_FIELDS, rank_profile
+from pplug_jax.baselines.retrieval import (DENSE_METHODS, METHODS, REQUIRED_FIELDS, ROPG_METHODS,
+                                           rank_profile)
 from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError
 
@@ -44,9 +45,50 @@ def raw_questions(config, split: str) -> tuple[str, list[dict], list[lamp.Exampl
     return qfile, json.load(f), examples
 
 
+def ropg_retriever_dir(workdir: str, method: str) -> str:
+  """Where `python -m pplug_jax.baselines.ropg` exports a trained retriever (HF directory)."""
+  return os.path.join(workdir, 'ropg', method.split('-')[1], 'retriever')
+
+
+def dense_encoder(config, workdir: str, method: str) -> Any:
+  """The TextEncoder a dense method ranks with: Contriever, or a trained ROPG retriever."""
+  from pplug_jax.models.text_encoder import TextEncoder
+  if method in ROPG_METHODS:
+    path = ropg_retriever_dir(workdir, method)
+    if not os.path.exists(os.path.join(path, 'model.safetensors')):
+      raise ConfigError(f'{path}: no trained {method} retriever. Train it first: python -m '
+                        f'pplug_jax.baselines.ropg --objective {method.split("-")[1]} '
+                        f'--config ... --workdir {workdir}')
+    return TextEncoder(path, config.rag.retriever_pooling, False)
+  if not config.rag.retriever_path:
+    raise ConfigError("config.rag.retriever_path is empty: method 'contriever' needs a "
+                      'Hugging Face directory of facebook/contriever.')
+  return TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False)
+
+
+def llm_settings(config) -> dict[str, Any]:
+  """What the frozen LLM's outputs depend on, for deciding whether saved outputs still hold.
+
+  The weights are identified by path, size and modification time (hashing a 40 GB FlanT5-XXL
+  on every run would cost minutes).
+  """
+  path = os.path.abspath(config.llm.path)
+  weights = sorted((n, os.path.getsize(os.path.join(path, n)),
+                    os.stat(os.path.join(path, n)).st_mtime_ns)
+                   for n in os.listdir(path) if n.endswith('.safetensors')) \
+      if os.path.isdir(path) else []
+  return {'task': lamp.task_spec(config.task).name, 'split_type': config.split_type,
+          'llm_path': path, 'llm_weights': [list(w) for w in weights],
+          'llm_tokenizer': config.llm.tokenizer, 'vocab_limit': config.llm.vocab_limit,
+          'llm_dtype': config.llm.dtype, 'rag_max_length': config.rag.max_length,
+          'generation': {k: config.eval[k] for k in ('num_beams', 'length_penalty',
+                                                       'early_stopping', 'max_new_tokens')}}
+
+
 def check_fields(task: str, qfile: str, questions: list[dict], method: str) -> None:
   """Every profile item has the fields the task's prompt (and the ranker) reads."""
-  need = REQUIRED_FIELDS[lamp.task_spec(task).name] + (('date',) if method == 'recency' else ())
+  dated = method in ('recency',) + ROPG_METHODS
+  need = REQUIRED_FIELDS[lamp.task_spec(task).name] + (('date',) if dated else ())
   for q in questions:
     for item in q['profile']:
       missing = [f for f in need if item.get(f) is None]
@@ -91,16 +133,6 @@ class BaselineGenerator:
 
     self._generate = jax.jit(generate)
 
-  def _global(self, x: np.ndarray) -> jax.Array:
-    sharding = partitioning.batch_sharding(self.mesh, self.rules, x.ndim)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  def _host(self, x: jax.Array) -> np.ndarray:
-    if jax.process_count() == 1:
-      return np.asarray(x)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
   def __call__(self, prompts: list[str]) -> list[str]:
     """Generated text for each prompt (every process passes, and gets, all of them)."""
     batch = self.config.train.eval_batch_size * jax.process_count()
@@ -111,16 +143,47 @@ class BaselineGenerator:
       chunk = prompts[start:start + batch]
       enc = self.tokenizer(chunk + [''] * (batch - len(chunk)), truncation=True,
                            max_length=length, padding='max_length', return_tensors='np')
-      tokens = self._generate(self.llm_params, self._global(enc['input_ids'].astype(np.int32)),
-                              self._global(enc['attention_mask'].astype(np.int32)))
-      texts = self.tokenizer.batch_decode(self._host(tokens), skip_special_tokens=True)
+      put = lambda x: partitioning.global_from_host(self.mesh, self.rules, x.astype(np.int32))
+      tokens = self._generate(self.llm_params, put(enc['input_ids']), put(enc['attention_mask']))
+      texts = self.tokenizer.batch_decode(partitioning.gather_to_host(tokens),
+                                          skip_special_tokens=True)
       outputs.extend(t.strip() for t in texts[:len(chunk)])
     return outputs
 
 
+def run_settings(config, workdir: str, method: str, k: int, split: str,
+                 qfile: str) -> dict[str, Any]:
+  """What a baseline's outputs depend on: the LLM, the questions, the method and its retriever."""
+  out = dict(llm_settings(config), method=method, k=k, split=split,
+             questions_sha256=fileio.sha256_of([qfile]), seed=config.seed)
+  if method == 'contriever':
+    out['retriever'] = os.path.abspath(config.rag.retriever_path)
+  elif method in ROPG_METHODS:
+    out['retriever_sha256'] = fileio.sha256_of(
+        [os.path.join(ropg_retriever_dir(workdir, method), 'model.safetensors')])
+  return out
+
+
+def load_run(workdir: str, method: str, k: int, split: str) -> dict[str, Any]:
+  """A finished run's files: {'settings', 'predictions' (id -> text), 'prompts', 'metrics'}."""
+  out = method_dir(workdir, method, k)
+  files = {'settings': f'run_{split}.json', 'predictions': f'predictions_{split}.json',
+           'prompts': f'prompts_{split}.json', 'metrics': f'metrics_{split}.json'}
+  loaded = {key: fileio.read_json(os.path.join(out, name)) for key, name in files.items()
+            if os.path.exists(os.path.join(out, name))}
+  if 'predictions' in loaded:
+    loaded['predictions'] = {g['id']: g['output'] for g in loaded['predictions']['golds']}
+  return loaded
+
+
 def run(config, workdir: str, method: str, k: int, split: str = 'dev',
-        generator: BaselineGenerator | None = None, encoder: Any = None) -> dict[str, Any]:
-  """One baseline over a split; writes predictions, metrics and prompts; returns the metrics."""
+        generator: BaselineGenerator | None = None, encoder: Any = None,
+        reuse: bool = False) -> dict[str, Any]:
+  """One baseline over a split; writes predictions, metrics and prompts; returns the metrics.
+
+  With `reuse`, a finished run of the same settings and inputs (`run_<split>.json`) is read
+  back instead of generated again.
+  """
   if method != NO_RETRIEVAL and method not in METHODS:
     raise ConfigError(f'--method={method!r}: use one of {(NO_RETRIEVAL,) + METHODS}.')
   if k < 1:
@@ -128,12 +191,15 @@ def run(config, workdir: str, method: str, k: int, split: str = 'dev',
   spec = lamp.task_spec(config.task)
   qfile, questions, examples = raw_questions(config, split)
   check_fields(spec.name, qfile, questions, method)
-  if method == 'contriever' and encoder is None:
-    if not config.rag.retriever_path:
-      raise ConfigError("config.rag.retriever_path is empty: method 'contriever' needs a "
-                        'Hugging Face directory of facebook/contriever.')
-    from pplug_jax.models.text_encoder import TextEncoder
-    encoder = TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False)
+  settings = run_settings(config, workdir, method, k, split, qfile)
+  if reuse:
+    old = load_run(workdir, method, k, split)
+    if old.get('settings') == settings and 'predictions' in old and 'prompts' in old:
+      logging.info('%s (k=%s) on %s: reusing %s', method, k, split,
+                   method_dir(workdir, method, k))
+      return old.get('metrics', {'method': method, 'k': k, 'split': split})
+  if method in DENSE_METHODS and encoder is None:
+    encoder = dense_encoder(config, workdir, method)
   generator = generator or BaselineGenerator(config)
   start = time.time()
   prompts, empty = build_prompts(config, questions, method, k, generator.tokenizer, encoder)
@@ -149,18 +215,12 @@ def run(config, workdir: str, method: str, k: int, split: str = 'dev',
   out = method_dir(workdir, method, k)
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
-    _write_json(os.path.join(out, f'predictions_{split}.json'),
+    fileio.write_json(os.path.join(out, f'predictions_{split}.json'),
                 {'task': spec.name, 'golds': [{'id': i, 'output': o}
                                               for i, o in zip(ids, outputs)]})
-    _write_json(os.path.join(out, f'prompts_{split}.json'), dict(zip(ids, prompts)))
+    fileio.write_json(os.path.join(out, f'prompts_{split}.json'), dict(zip(ids, prompts)))
     if golds:
-      _write_json(os.path.join(out, f'metrics_{split}.json'), result)
+      fileio.write_json(os.path.join(out, f'metrics_{split}.json'), result)
+    fileio.write_json(os.path.join(out, f'run_{split}.json'), settings)  # last: marks it done
   logging.info('%s (k=%s) on %s: %s', method, k, split, result)
   return result
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False)
-  os.replace(tmp, path)

@@ -52,8 +52,11 @@ class TextEncoder:
     for start in range(0, len(order), self.batch_size):
       rows = order[start:start + self.batch_size]
       length = _bucket(max(len(ids[r]) for r in rows), max_length)
-      batch = np.full((self.batch_size, length), pad, np.int32)
-      mask = np.zeros((self.batch_size, length), np.int32)
+      # Rows padded to a power of two (at least 8): a short call (one profile) stays cheap,
+      # and the compiles stay few (log2(batch_size) - 2 per length bucket).
+      num_rows = min(self.batch_size, max(8, 1 << (len(rows) - 1).bit_length()))
+      batch = np.full((num_rows, length), pad, np.int32)
+      mask = np.zeros((num_rows, length), np.int32)
       for j, r in enumerate(rows):
         batch[j, :len(ids[r])] = ids[r]
         mask[j, :len(ids[r])] = 1

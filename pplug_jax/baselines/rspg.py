@@ -1,0 +1,228 @@
+"""RSPG-Pre and RSPG-Post: a model that picks, per query, which retriever's prompt to trust.
+
+    python -m pplug_jax.baselines.rspg --kind pre|post --config ... --workdir W [--split dev]
+
+Salemi et al. (SIGIR 2024); LaMP-Benchmark/LaMP `RSPG/`. The pool is `config.rspg.retrievers`
+(the paper's six: no retrieval, BM25, Contriever, Recency, ROPG-RL, ROPG-KD), each run with
+k = `config.rag.k` over train and the evaluated split by the baseline runner (a finished run of
+the same settings is reused). Each option's label is its per-query utility
+(`metrics.utilities`: accuracy, ROUGE-1, or LaMP-3's normalised MAE).
+
+The selection model scores each option from its lower-cased prompt (Pre) or from
+`prompt [SEP] output` (Post) and is trained with a KL loss against the softmax of the labels;
+`config.rspg.loss_form`: 'kl': batch-mean KL(softmax(u / T) || softmax(s / T)); 'reference' (the
+code): `KLDivLoss(log_softmax(s) / T, softmax(u))`, the temperature dividing the log-probabilities.
+They agree at T = 1. Inference takes the argmax and returns that retriever's output, already
+generated.
+
+Deviation: the reference's selection model is Longformer-base-4096 (pooler output, then a linear
+layer). No maintained Flax Longformer exists, so this uses the project's Flax BERT
+(`config.rspg.model_path`, default the Contriever directory), a linear layer on the [CLS] hidden
+state, and `config.rspg.max_length` (at most 512) tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+from flax import linen as nn
+from ml_collections import config_flags
+
+from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning, tokenizers
+from pplug_jax.baselines import runner, trainer
+from pplug_jax.data import lamp
+from pplug_jax.errors import ConfigError
+from pplug_jax.models import bert, hf_weights
+
+KINDS = ('pre', 'post')
+LOSS_FORMS = ('kl', 'reference')
+POOL = ('none', 'bm25', 'contriever', 'recency', 'ropg-rl', 'ropg-kd')
+
+
+def rspg_loss(scores: jax.Array, labels: jax.Array, temperature: float,
+              form: str = 'kl') -> jax.Array:
+  """RSPG's loss for [B, R] selector scores and per-retriever utilities (see module doc)."""
+  if form == 'kl':
+    target = jax.nn.softmax(labels / temperature, axis=-1)
+    log_model = jax.nn.log_softmax(scores / temperature, axis=-1)
+  elif form == 'reference':
+    target = jax.nn.softmax(labels, axis=-1)
+    log_model = jax.nn.log_softmax(scores, axis=-1) / temperature
+  else:
+    raise ConfigError(f'config.rspg.loss_form={form!r}: use one of {LOSS_FORMS}.')
+  return (target * (jnp.log(jnp.maximum(target, 1e-30)) - log_model)).sum(-1).mean()
+
+
+class Selector(nn.Module):
+  """BERT and a linear layer on the [CLS] hidden state: one score per input text."""
+  config: bert.BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    hidden = bert.Bert(self.config, name='bert')(input_ids, attention_mask)
+    head = nn.Dense(1, kernel_init=nn.initializers.normal(0.02), name='head')
+    return head(hidden[:, 0].astype(jnp.float32))[:, 0]
+
+
+def option_scores(model: Selector, params: Any, ids: jax.Array, mask: jax.Array,
+                  rngs: dict | None = None) -> jax.Array:
+  """[B, R] scores of R options per query, from [B, R, L] tokens."""
+  b, r, length = ids.shape
+  return model.apply({'params': params}, ids.reshape(b * r, length),
+                     mask.reshape(b * r, length), rngs=rngs).reshape(b, r)
+
+
+def pool_outputs(config, workdir: str, split: str, generator=None) -> dict[str, dict]:
+  """{method: its run's files} for every retriever of the pool on a split (run if needed)."""
+  k = config.rag.k
+  for method in config.rspg.retrievers:
+    runner.run(config, workdir, method, k, split, generator, reuse=True)
+  return {m: runner.load_run(workdir, m, k, split) for m in config.rspg.retrievers}
+
+
+def option_texts(kind: str, prompt: str, output: str, sep: str) -> str:
+  """What the selector reads for one option: the prompt (Pre), or prompt [SEP] output (Post)."""
+  return prompt.lower() if kind == 'pre' else f'{prompt.lower()} {sep} {output}'
+
+
+def selection_data(config, kind: str, runs: dict[str, dict], questions: list[dict],
+                   golds: dict[str, str] | None, tokenizer: Any) -> dict[str, np.ndarray]:
+  """Tokens [N, R, L], and with golds the utility labels [N, R], in question order."""
+  methods = list(config.rspg.retrievers)
+  texts, labels = [], []
+  for q in questions:
+    outputs = [runs[m]['predictions'][q['id']] for m in methods]
+    texts.extend(option_texts(kind, runs[m]['prompts'][q['id']], o, tokenizer.sep_token)
+                 for m, o in zip(methods, outputs))
+    if golds is not None:
+      labels.append(metrics_lib.utilities(config.task, outputs, [golds[q['id']]] * len(methods)))
+  enc = tokenizer(texts, truncation=True, max_length=config.rspg.max_length,
+                  padding='max_length', return_tensors='np')
+  n, r = len(questions), len(methods)
+  data = {'ids': enc['input_ids'].astype(np.int32).reshape(n, r, -1),
+          'mask': enc['attention_mask'].astype(np.int32).reshape(n, r, -1)}
+  if golds is not None:
+    data['labels'] = np.asarray(labels, np.float32)
+  return data
+
+
+def _check(config, kind: str) -> str:
+  if kind not in KINDS:
+    raise ConfigError(f'--kind={kind!r}: use one of {KINDS}.')
+  if config.rspg.loss_form not in LOSS_FORMS:
+    raise ConfigError(f'config.rspg.loss_form={config.rspg.loss_form!r}: use one of '
+                      f'{LOSS_FORMS}.')
+  path = config.rspg.model_path or config.rag.retriever_path
+  if not path:
+    raise ConfigError('config.rspg.model_path and config.rag.retriever_path are empty: the '
+                      'selection model needs a Hugging Face BERT directory.')
+  unknown = [m for m in config.rspg.retrievers if m != runner.NO_RETRIEVAL and
+             m not in runner.METHODS]
+  if unknown or len(config.rspg.retrievers) < 2:
+    raise ConfigError(f'config.rspg.retrievers={tuple(config.rspg.retrievers)}: give at least '
+                      f'two of {(runner.NO_RETRIEVAL,) + runner.METHODS}.')
+  return path
+
+
+def run(config, workdir: str, kind: str, split: str = 'dev', generator=None,
+        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the selector on train, predicts on `split`, writes like a baseline."""
+  path = _check(config, kind)
+  mesh = mesh or partitioning.make_mesh(config.mesh_shape)
+  rules = tuple(config.logical_axis_rules)
+  generator = generator or runner.BaselineGenerator(config, mesh)
+  train_runs = pool_outputs(config, workdir, 'train', generator)
+  eval_runs = pool_outputs(config, workdir, split, generator)
+  tokenizer = tokenizers.load_tokenizer(path)
+  bert_config, bert_params = hf_weights.load_bert(path, dropout_rate=config.rspg.dropout)
+  model = Selector(bert_config)
+  head = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 4), jnp.int32),
+                    jnp.ones((1, 4), jnp.int32))['params']['head']
+  params = {'bert': bert_params, 'head': head}
+  _, train_q, train_ex = runner.raw_questions(config, 'train')
+  data = selection_data(config, kind, train_runs, train_q, {e.id: e.output for e in train_ex},
+                        tokenizer)
+  temperature, form = float(config.rspg.temperature), config.rspg.loss_form
+
+  def loss_fn(params, batch, rng):
+    scores = option_scores(model, params, batch['ids'], batch['mask'], {'dropout': rng})
+    return rspg_loss(scores, batch['labels'], temperature, form)
+
+  run_dir = os.path.join(workdir, 'rspg', kind)
+  k = config.rag.k
+  identity = {'kind': kind, 'model': os.path.abspath(path), 'retrievers': list(
+      config.rspg.retrievers), 'train_outputs_sha256': fileio.sha256_of(
+          [os.path.join(runner.method_dir(workdir, m, k), 'predictions_train.json')
+           for m in config.rspg.retrievers]), 'temperature': temperature, 'loss_form': form,
+              'max_length': config.rspg.max_length, 'dropout': config.rspg.dropout}
+  params, losses = trainer.fit(loss_fn, params, data, trainer.FitSettings.from_config(
+      config, 'rspg'), run_dir, identity, mesh, rules, f'RSPG-{kind.capitalize()}')
+  return predict(config, workdir, kind, split, model, params, eval_runs, tokenizer, mesh,
+                 {'steps': len(losses), 'last_loss': losses[-1] if losses else None})
+
+
+def predict(config, workdir: str, kind: str, split: str, model: Selector, params: Any,
+            runs: dict[str, dict], tokenizer: Any, mesh: jax.sharding.Mesh,
+            train_info: dict) -> dict[str, Any]:
+  """Picks a retriever per query; writes predictions (and metrics) to baselines/rspg-<kind>_k<k>."""
+  spec = lamp.task_spec(config.task)
+  _, questions, examples = runner.raw_questions(config, split)
+  golds = {e.id: e.output for e in examples} if split != 'test' else None
+  data = selection_data(config, kind, runs, questions, None, tokenizer)
+  rules = tuple(config.logical_axis_rules)
+  batch = config.train.eval_batch_size * jax.process_count()
+  score_fn = jax.jit(lambda p, ids, mask: option_scores(model, p, ids, mask))
+  params = jax.device_put(params, partitioning.replicated(mesh))
+  n, chosen = len(questions), []
+  for start in range(0, n, batch):
+    rows = np.arange(start, start + batch) % n  # the last batch is topped up, then cut
+    put = lambda x: partitioning.global_from_host(mesh, rules, x[rows])
+    scores = partitioning.gather_to_host(score_fn(params, put(data['ids']), put(data['mask'])))
+    chosen.extend(np.argmax(scores, -1)[:min(batch, n - start)].tolist())
+  methods = list(config.rspg.retrievers)
+  ids = [q['id'] for q in questions]
+  outputs = [runs[methods[c]]['predictions'][i] for i, c in zip(ids, chosen)]
+  method = f'rspg-{kind}'
+  result: dict[str, Any] = {'method': method, 'k': config.rag.k, 'split': split, 'count': n,
+                            'chosen': {m: chosen.count(j) for j, m in enumerate(methods)},
+                            'train': train_info}
+  if golds is not None:
+    result.update(metrics_lib.lamp_metrics(spec.name, outputs, [golds[i] for i in ids]))
+  out = runner.method_dir(workdir, method, config.rag.k)
+  if jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    fileio.write_json(os.path.join(out, f'predictions_{split}.json'),
+                      {'task': spec.name, 'golds': [{'id': i, 'output': o, 'retriever':
+                                                     methods[c]} for i, o, c in
+                                                    zip(ids, outputs, chosen)]})
+    if golds is not None:
+      fileio.write_json(os.path.join(out, f'metrics_{split}.json'), result)
+  logging.info('%s on %s: %s', method, split, result)
+  return result
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  partitioning.maybe_initialize_distributed()
+  config = f.config
+  if config.demo:
+    from pplug_jax import demo
+    demo.prepare(config, f.workdir)
+  import json
+  print(json.dumps(run(config, f.workdir, f.kind, f.split), indent=1))
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Reads and writes WORKDIR/baselines/; trains in '
+                      'WORKDIR/rspg/<kind>/.')
+  flags.DEFINE_enum('kind', 'pre', list(KINDS), 'pre: from the prompt; post: prompt [SEP] output.')
+  flags.DEFINE_enum('split', 'dev', ['dev', 'test'], 'Split to predict.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  cli.run(main)

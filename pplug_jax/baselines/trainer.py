@@ -1,0 +1,146 @@
+"""The training loop ROPG's retrievers and RSPG's selectors share: a BERT trained with optax.
+
+As the paper trains them (Salemi et al., SIGIR 2024): Adam, gradients clipped at global norm
+1.0, linear warm-up over the first 5 % of the steps then linear decay to 0 (LaMP's
+`WarmupLinearScheduler`), whole batches only (`drop_last`). The step is jitted once for one
+static batch shape. The example order of epoch e is a permutation seeded by (seed, e), so a run
+that stops resumes at the exact batch from its orbax checkpoint (`<run_dir>/checkpoints/`). A run
+directory records the settings and input files it was made from and refuses to resume from
+others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm.auto import tqdm
+
+from pplug_jax import fileio, partitioning
+from pplug_jax.errors import ConfigError, WorkdirError
+
+LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+  """How long and how fast to train; `section` names the config section for messages."""
+  section: str
+  lr: float
+  batch_size: int
+  epochs: int
+  warmup_frac: float
+  grad_clip: float
+  checkpoint_every: int
+  seed: int
+
+  @classmethod
+  def from_config(cls, config, section: str) -> 'FitSettings':
+    s = config[section]
+    return cls(section, float(s.lr), int(s.batch_size), int(s.epochs), float(s.warmup_frac),
+               float(s.grad_clip), int(s.checkpoint_every), int(config.seed))
+
+
+def optimizer(settings: FitSettings, total_steps: int) -> optax.GradientTransformation:
+  """Adam with global-norm clipping, linear warm-up then linear decay to zero."""
+  warmup = int(settings.warmup_frac * total_steps)
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, settings.lr, max(warmup, 1)),
+       optax.linear_schedule(settings.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+  return optax.chain(optax.clip_by_global_norm(settings.grad_clip), optax.adam(schedule))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _check_run_dir(run_dir: str, identity: dict[str, Any]) -> None:
+  """Records what this run is made from; refuses a directory made from something else."""
+  path = os.path.join(run_dir, 'run.json')
+  if os.path.exists(path):
+    old = fileio.read_json(path)
+    changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if changed:
+      raise WorkdirError(f'{run_dir} holds a run made with other settings or inputs (changed: '
+                         f'{", ".join(changed)}). Delete {run_dir} to train again, or use '
+                         'another --workdir.')
+  else:
+    os.makedirs(run_dir, exist_ok=True)
+    fileio.write_json(path, identity)
+
+
+def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: FitSettings,
+        run_dir: str, identity: dict[str, Any], mesh: jax.sharding.Mesh,
+        rules, desc: str) -> tuple[Any, list[float]]:
+  """Trains `params` on `data` (arrays with one row per example); returns them and the losses.
+
+  `loss_fn(params, batch, rng)` gets one global batch; `rng` differs per step (dropout,
+  sampling) and is derived from the seed and the step alone.
+  """
+  n = len(next(iter(data.values())))
+  steps_per_epoch = n // settings.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f'config.{settings.section}.batch_size={settings.batch_size} is larger '
+                      f'than the {n} training examples; lower it.')
+  if settings.batch_size % mesh.shape['data']:
+    raise ConfigError(f'config.{settings.section}.batch_size={settings.batch_size} must be a '
+                      f'multiple of the {mesh.shape["data"]} data-parallel devices.')
+  total = steps_per_epoch * settings.epochs
+  identity = dict(identity, settings=dataclasses.asdict(settings), examples=n)
+  if jax.process_index() == 0:
+    _check_run_dir(run_dir, identity)
+  partitioning.sync(f'{desc} run dir')
+  tx = optimizer(settings, total)
+  replicated = partitioning.replicated(mesh)
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+  state = jax.device_put(state, replicated)
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(run_dir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=desc)))
+  if manager.latest_step() is not None:
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
+    logging.info('%s: resumed at step %d of %d', desc, int(state['step']), total)
+  base_key = jax.random.PRNGKey(settings.seed)
+
+  @jax.jit
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_key, state['step'])
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], batch, rng)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    return {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
+            'step': state['step'] + 1}, loss
+
+  losses: list[float] = []
+  step = int(state['step'])
+  start = time.time()
+  bar = tqdm(total=total, initial=step, desc=desc, unit='step', mininterval=5,
+             disable=jax.process_index() > 0)
+  while step < total:
+    epoch, offset = divmod(step, steps_per_epoch)
+    rows = epoch_order(settings.seed, epoch, n)[offset * settings.batch_size:
+                                                (offset + 1) * settings.batch_size]
+    batch = {k: partitioning.global_from_host(mesh, rules, v[rows]) for k, v in data.items()}
+    state, loss = train_step(state, batch)
+    step += 1
+    losses.append(float(loss))
+    bar.update(1)
+    bar.set_postfix(loss=f'{losses[-1]:.4f}')
+    if step % settings.checkpoint_every == 0 or step == total:
+      manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  bar.close()
+  logging.info('%s: %d steps (%d epochs of %d examples) in %.1fs', desc, total, settings.epochs,
+               n, time.time() - start)
+  return jax.device_get(state['params']), losses

@@ -1,0 +1,174 @@
+"""Utility feedback for ROPG: how much each profile item, alone in the prompt, helps the LLM.
+
+    python -m pplug_jax.baselines.utility --config configs/lamp.py:task=N,... --workdir W \
+        [--split train]
+
+As LaMP's `profile_item_utilization_scorer.py` does it: for every query, the top
+`config.ropg.candidates` (l) items of an initial ranking (`config.ropg.initial_ranker`) each go
+alone into LaMP's k = 1 prompt; the frozen LLM generates with the config's settings (beam 4 for
+the paper) and the output is scored against the gold output with `metrics.utilities`.
+
+Output, `W/ropg/utility_<split>.jsonl`, one JSON object per query, in the split's order:
+
+    {"id": "<query id>", "candidates": [profile positions, initial ranking order],
+     "item_ids": [their profile ids], "outputs": [generated text], "utility": [floats in 0..1]}
+
+A query with an empty profile has empty lists. `W/ropg/utility_<split>.json` records the
+settings and input files; a run with other ones is refused. Lines are appended (and fsynced)
+after each chunk of queries, so a killed run continues where it stopped: a torn last line is
+dropped and its queries are scored again, none twice, none lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from absl import flags, logging
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning
+from pplug_jax.baselines import runner
+from pplug_jax.baselines.prompts import rag_prompt
+from pplug_jax.baselines.retrieval import rank_profile
+from pplug_jax.errors import ConfigError, WorkdirError
+
+INITIAL_RANKERS = ('bm25', 'contriever', 'recency', 'file')
+
+
+def paths(workdir: str, split: str) -> tuple[str, str]:
+  """(the JSONL of scored queries, its settings file)."""
+  root = os.path.join(workdir, 'ropg')
+  return (os.path.join(root, f'utility_{split}.jsonl'), os.path.join(root, f'utility_{split}.json'))
+
+
+def candidates(config, question: dict, encoder: Any = None) -> list[int]:
+  """Profile positions of the top-l items of the initial ranking, best first."""
+  profile = question['profile']
+  l = config.ropg.candidates
+  if not profile:
+    return []
+  if config.ropg.initial_ranker == 'file':
+    return list(range(min(l, len(profile))))
+  ranked = rank_profile(config.task, question['input'], profile, config.ropg.initial_ranker,
+                        min(l, len(profile)), encoder)
+  position = {id(item): i for i, item in enumerate(profile)}
+  return [position[id(item)] for item in ranked]
+
+
+def settings(config, split: str, qfile: str) -> dict[str, Any]:
+  """What the scores depend on: compared on every resume."""
+  return dict(runner.llm_settings(config), split=split, questions_sha256=fileio.sha256_of([qfile]),
+              candidates=config.ropg.candidates, initial_ranker=config.ropg.initial_ranker,
+              retriever=(os.path.abspath(config.rag.retriever_path)
+                         if config.ropg.initial_ranker == 'contriever' else None))
+
+
+def read_done(path: str) -> list[dict]:
+  """The whole lines of a (possibly torn) JSONL file; a partial last line is cut off the file."""
+  if not os.path.exists(path):
+    return []
+  done, good_bytes = [], 0
+  with open(path, 'rb') as f:
+    for line in f:
+      if not line.endswith(b'\n'):
+        break
+      try:
+        done.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+      good_bytes += len(line)
+  if good_bytes != os.path.getsize(path) and jax.process_index() == 0:
+    logging.warning('%s: dropping a torn last line; its queries are scored again', path)
+    with open(path, 'r+b') as f:
+      f.truncate(good_bytes)
+  return done
+
+
+def _check_settings(meta_file: str, current: dict[str, Any]) -> None:
+  if os.path.exists(meta_file):
+    old = fileio.read_json(meta_file)
+    changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
+    if changed:
+      raise WorkdirError(f'{meta_file}: these utility scores were made with other settings or '
+                         f'inputs (changed: {", ".join(changed)}). Delete it and the .jsonl '
+                         'beside it to score again, or use another --workdir.')
+  elif jax.process_index() == 0:
+    os.makedirs(os.path.dirname(meta_file), exist_ok=True)
+    fileio.write_json(meta_file, current)
+
+
+def score(config, workdir: str, split: str = 'train',
+          generator: runner.BaselineGenerator | None = None, encoder: Any = None,
+          stop_after_chunks: int | None = None) -> str:
+  """Scores every query of a split (resuming a partial run); returns the JSONL path."""
+  if config.ropg.initial_ranker not in INITIAL_RANKERS:
+    raise ConfigError(f'config.ropg.initial_ranker={config.ropg.initial_ranker!r}: use one of '
+                      f'{INITIAL_RANKERS}.')
+  if config.ropg.candidates < 1:
+    raise ConfigError(f'config.ropg.candidates={config.ropg.candidates}: score at least 1 item.')
+  qfile, questions, examples = runner.raw_questions(config, split)
+  runner.check_fields(config.task, qfile, questions, 'recency')  # ROPG's corpus has the date
+  out_file, meta_file = paths(workdir, split)
+  _check_settings(meta_file, settings(config, split, qfile))
+  partitioning.sync('utility settings')
+  done = {d['id'] for d in read_done(out_file)}
+  todo = [q for q in questions if q['id'] not in done]
+  if config.ropg.initial_ranker == 'contriever' and encoder is None:
+    encoder = runner.dense_encoder(config, workdir, 'contriever')
+  generator = generator or runner.BaselineGenerator(config)
+  gold = {e.id: e.output for e in examples}
+  chunk = config.train.eval_batch_size * jax.process_count()  # queries; l full batches each
+  start, chunks = time.time(), 0
+  bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f'utility ({split})',
+             unit='query', mininterval=5, disable=jax.process_index() > 0)
+  for begin in range(0, len(todo), chunk):
+    part = todo[begin:begin + chunk]
+    picked = [candidates(config, q, encoder) for q in part]
+    prompts = [rag_prompt(config.task, q['input'], [q['profile'][i]], generator.tokenizer,
+                          config.rag.max_length) for q, cand in zip(part, picked) for i in cand]
+    outputs = iter(generator(prompts))
+    lines = []
+    for q, cand in zip(part, picked):
+      texts = [next(outputs) for _ in cand]
+      lines.append({'id': q['id'], 'candidates': cand,
+                    'item_ids': [q['profile'][i].get('id') for i in cand], 'outputs': texts,
+                    'utility': metrics_lib.utilities(config.task, texts,
+                                                     [gold[q['id']]] * len(texts))})
+    if jax.process_index() == 0:
+      with open(out_file, 'a', encoding='utf-8') as f:
+        f.writelines(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
+        f.flush()
+        os.fsync(f.fileno())
+    bar.update(len(part))
+    chunks += 1
+    if stop_after_chunks is not None and chunks >= stop_after_chunks:
+      break
+  bar.close()
+  partitioning.sync('utility written')
+  logging.info('utility (%s): %d queries scored now, %d before, in %.1fs', split,
+               min(len(todo), chunks * chunk), len(done), time.time() - start)
+  return out_file
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  partitioning.maybe_initialize_distributed()
+  config = f.config
+  if config.demo:
+    from pplug_jax import demo
+    demo.prepare(config, f.workdir)
+  print(score(config, f.workdir, f.split))
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Scores go to WORKDIR/ropg/utility_<split>.jsonl.')
+  flags.DEFINE_enum('split', 'train', ['train', 'dev'], 'Split to score.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  cli.run(main)
