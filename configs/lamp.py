@@ -67,6 +67,9 @@ def get_config(arg=None):
   c.data.embedding_dtype = 'float32'
   c.data.max_input_length = 256
   c.data.max_target_length = 10 if task == 3 else 128
+  c.data.bucketing = 'auto'     # 'auto': a few length-bucket shapes | 'off': pad to the maxima
+  c.data.input_buckets = ()     # input-length bounds by hand; () = from the data (README)
+  c.data.target_buckets = ()    # target-length bounds by hand; () = from the data
   c.data.max_history = 512
   c.data.history_order = 'date'  # 'date': the most recent by date | 'file': the last in the file
   c.data.item_max_length = 512  # encoder tokens per profile item

@@ -205,17 +205,18 @@ def init_state_fn(system: System, tx: optax.GradientTransformation, seed: int):
 
 
 def compile_train_step(system: System, tx: optax.GradientTransformation, abstract_state,
-                       config) -> tuple[Any, Any, dict]:
-  """AOT-compiles the train step for the config's batch shapes on the system's mesh.
+                       config, shape: tuple[int, int] | None = None) -> tuple[Any, Any, dict]:
+  """AOT-compiles the train step for one (input, target) length bucket on the system's mesh.
 
-  Returns (compiled step, state sharding, batch sharding). `system.llm_params` may be abstract
-  (ShapeDtypeStructs with shardings), which is how `pplug_jax.aot` plans for TPUs it lacks.
+  Returns (compiled step, state sharding, batch sharding); `shape` defaults to the config's
+  maxima. `system.llm_params` may be abstract (ShapeDtypeStructs with shardings), which is how
+  `pplug_jax.aot` plans for TPUs it lacks.
   """
   from pplug_jax.data import pipeline
   mesh, rules = system.mesh, system.rules
   micro, accum = config.optim.batch_size, config.optim.grad_accum
   state_sharding = replicated_like(abstract_state, mesh)
-  shapes = pipeline.shapes(config, system.encoder_dim)
+  shapes = pipeline.shapes(config, system.encoder_dim, *(shape or (None, None)))
   batch_sharding = {k: accum_sharding(mesh, rules, 2 + len(s)) for k, s in shapes.items()}
   step_fn = jax.jit(make_train_step(system, tx, config.seed),
                     in_shardings=(state_sharding,

@@ -131,13 +131,18 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- state: init or resume
   init_state = system_lib.init_state_fn(system, tx, config.seed)
   abstract = jax.eval_shape(init_state)
-  compiled, state_sharding, batch_sharding = system_lib.compile_train_step(system, tx, abstract,
-                                                                           config)
-  mem = system_lib.memory_summary(compiled)
-  if mem:
-    logging.info('Train step memory per device (AOT): arguments %.1f MiB, outputs %.1f MiB, '
-                 'temporaries %.1f MiB, generated code %.1f MiB',
-                 *(mem[k] * 1024 for k in ('arguments', 'outputs', 'temporaries', 'code')))
+  plan = pipeline.train_buckets(config, rdir, config.data.num_streams)
+  steps_by_shape = {}  # every bucket's step compiled up front: no compile after the start
+  for shape, share in zip(plan[0].shapes, plan[1]):
+    compiled, state_sharding, batch_sharding = system_lib.compile_train_step(
+        system, tx, abstract, config, shape)
+    steps_by_shape[shape] = compiled
+    mem = system_lib.memory_summary(compiled)
+    logging.info('Train step for input x target length %d x %d (%.1f%% of the steps) compiled; '
+                 'memory per device (AOT): arguments %.1f MiB, outputs %.1f MiB, temporaries '
+                 '%.1f MiB, generated code %.1f MiB', *shape, 100 * share,
+                 *(mem.get(k, 0.0) * 1024 for k in ('arguments', 'outputs', 'temporaries',
+                                                     'code')))
   manager, best = checkpoints.managers(workdir, config.train.keep_checkpoints)
   latest = manager.latest_step()
   if latest is not None:
@@ -168,7 +173,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), write_to_disk=main_process)
   local_batch = per_step // jax.process_count()
   batches = pipeline.train_batches(config, rdir, local_batch, skip_batches=data_batches,
-                                   accum=accum)
+                                   accum=accum, plan=plan)
   logging.info('Training %d steps (%d examples per epoch incl. augmentation, %d per step) from '
                'step %d', total_steps, n_train, per_step, start_step)
   bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step', mininterval=5,
@@ -186,7 +191,8 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
              if v.dtype.kind not in 'SUO'}
     global_batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k])
                     for k in batch_sharding}
-    state, metrics = compiled(state, system.llm_params, global_batch)
+    shape = (batch['input_ids'].shape[-1], batch['target_ids'].shape[-1])
+    state, metrics = steps_by_shape[shape](state, system.llm_params, global_batch)
     if pending is not None:  # check the previous step's loss without stalling this one
       _check_finite(*pending)
     step += 1

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 
 from pplug_jax import partitioning
-from pplug_jax.data import lamp, records
+from pplug_jax.data import buckets, lamp, records
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert, t5
 
@@ -58,6 +58,11 @@ def _problems_of_values(c) -> list[str]:
   need(c.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
   need(c.data.num_streams >= 0, 'data.num_streams', 'must be >= 0 (0 = one per process)')
   one_of('data.embedding_dtype', EMBEDDING_DTYPES)
+  one_of('data.bucketing', buckets.MODES)
+  for key, maximum in (('input_buckets', c.data.max_input_length),
+                       ('target_buckets', c.data.max_target_length)):
+    need(all(isinstance(b, int) and 0 < b <= maximum for b in c.data[key]), f'data.{key}',
+         f'must be lengths in 1..{maximum} (the maximum is always added), or () for automatic')
   one_of('encoder.mode', ENCODER_MODES)
   one_of('encoder.pooling', bert.POOLINGS)
   for key in ('encoder.dtype', 'llm.dtype', 'llm.param_dtype', 'plug.dtype'):

@@ -1,9 +1,11 @@
-"""tf.data over precomputed records -> fixed-shape batches -> global jax.Arrays.
+"""tf.data over precomputed records -> static-shape batches -> global jax.Arrays.
 
 Training: per-process files, seeded shuffles, endless repetition, the reference's history
-augmentation done on the fly, drop-remainder batches, and `skip_batches` to resume.
-Evaluation: every example exactly once; the last batch (and any batch a process needs to keep
-step with the others) is padded with `valid == 0` rows.
+augmentation done on the fly, drop-remainder batches, and `skip_batches` to resume. Batches come
+in a few static (input, target) length shapes (`buckets.py`): one tf.data stream per shape, and
+one seeded schedule of shapes that every stream and process follows.
+Evaluation: every example exactly once, grouped by shape; the last batch of a shape (and any
+batch a process needs to keep step with the others) is padded with `valid == 0` rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from pplug_jax.data import buckets as buckets_lib
 from pplug_jax.data import records
 from pplug_jax.errors import ConfigError, RecordsError
 
@@ -39,11 +42,14 @@ def is_float(feature: str) -> bool:
   return feature in FLOAT_FEATURES
 
 
-def shapes(config, dim: int) -> dict[str, tuple[int, ...]]:
+def shapes(config, dim: int, input_length: int | None = None,
+           target_length: int | None = None) -> dict[str, tuple[int, ...]]:
+  """Per-example feature shapes; input and target lengths default to the config maxima."""
   d = config.data
+  li = input_length or d.max_input_length
+  lt = target_length or d.max_target_length
   return {
-      'input_ids': (d.max_input_length,), 'input_mask': (d.max_input_length,),
-      'target_ids': (d.max_target_length,), 'target_mask': (d.max_target_length,),
+      'input_ids': (li,), 'input_mask': (li,), 'target_ids': (lt,), 'target_mask': (lt,),
       'query_embedding': (dim,),
       'query_encoder_ids': (d.query_max_length,), 'query_encoder_mask': (d.query_max_length,),
       'history': (d.max_history, dim), 'history_mask': (d.max_history,), 'valid': (),
@@ -56,20 +62,22 @@ def _pad_1d(x: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
   return tf.pad(x, [[0, length - n]]), tf.pad(tf.ones([n], tf.int32), [[0, length - n]])
 
 
-def pad_example(ex: dict[str, tf.Tensor], config,
-                with_item_ids: bool = False) -> dict[str, tf.Tensor]:
+def pad_example(ex: dict[str, tf.Tensor], config, with_item_ids: bool = False,
+                shape: tuple[int, int] | None = None) -> dict[str, tf.Tensor]:
   """Variable-length parsed example -> the static shapes of `shapes()` plus its id and text.
 
-  with_item_ids adds the history item ids (host-side strings, for explanations).
+  with_item_ids adds the history item ids (host-side strings, for explanations); `shape` is
+  the (input, target) length bucket (default: the maxima).
   """
   d = config.data
+  li, lt = shape or (d.max_input_length, d.max_target_length)
   out = {'id': ex['id'], 'target_text': ex['target_text']}
   if with_item_ids:
     ids = ex['history_item_ids'][-d.max_history:] if d.max_history > 0 else \
         ex['history_item_ids'][:0]
     out['history_item_ids'] = tf.pad(ids, [[0, d.max_history - tf.shape(ids)[0]]])
-  out['input_ids'], out['input_mask'] = _pad_1d(ex['input_ids'], d.max_input_length)
-  out['target_ids'], out['target_mask'] = _pad_1d(ex['target_ids'], d.max_target_length)
+  out['input_ids'], out['input_mask'] = _pad_1d(ex['input_ids'], li)
+  out['target_ids'], out['target_mask'] = _pad_1d(ex['target_ids'], lt)
   out['query_encoder_ids'], out['query_encoder_mask'] = _pad_1d(ex['query_encoder_ids'],
                                                                 d.query_max_length)
   out['query_embedding'] = ex['query_embedding']
@@ -150,10 +158,58 @@ def _numpy(ds: tf.data.Dataset, files: list[str]) -> Iterator[Any]:
     raise _corrupt_shard(files, e) from None
 
 
-def _parsed(files: list[str], meta: dict[str, Any]) -> tf.data.Dataset:
+def _parsed(files: list[str], meta: dict[str, Any], bucket_of: Any = None,
+            index: int = 0) -> tf.data.Dataset:
+  """Parsed examples of `files`; with `bucket_of`, only those of bucket `index`."""
   fp = meta['fingerprint']
-  return tf.data.TFRecordDataset(files).map(records.parse_fn(fp['dim'], fp['embedding_dtype']),
-                                            num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.TFRecordDataset(files)
+  if bucket_of is not None:
+    ds = ds.filter(lambda s: bucket_of(s) == index)
+  return ds.map(records.parse_fn(fp['dim'], fp['embedding_dtype']),
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+_LENGTH_SPEC = {'input_ids': tf.io.VarLenFeature(tf.int64),
+                'target_ids': tf.io.VarLenFeature(tf.int64),
+                'history_length': tf.io.FixedLenFeature([], tf.int64)}
+
+
+def _lengths(serialized: tf.Tensor) -> tf.Tensor:
+  ex = tf.io.parse_single_example(serialized, _LENGTH_SPEC)
+  return tf.stack([tf.size(ex['input_ids'].values, tf.int32),
+                   tf.size(ex['target_ids'].values, tf.int32),
+                   tf.cast(ex['history_length'], tf.int32)])
+
+
+def split_lengths(files: list[str]) -> np.ndarray:
+  """[n, 3] (input, target, history) lengths of every example of `files`, in file order."""
+  if not files:
+    return np.zeros((0, 3), np.int32)
+  ds = tf.data.TFRecordDataset(files).map(_lengths, num_parallel_calls=tf.data.AUTOTUNE)
+  parts = list(_numpy(ds.batch(4096), files))
+  return np.concatenate(parts) if parts else np.zeros((0, 3), np.int32)
+
+
+def _bucket_fn(config, buckets: buckets_lib.Buckets):
+  """serialized example -> its bucket index (lengths clipped to the maxima)."""
+  d = config.data
+  table = tf.constant(buckets.table(d.max_input_length, d.max_target_length))
+
+  def bucket_of(serialized):
+    li, lt, _ = tf.unstack(_lengths(serialized))
+    return table[tf.minimum(li, d.max_input_length), tf.minimum(lt, d.max_target_length)]
+
+  return bucket_of
+
+
+def train_buckets(config, records_dir: str, streams: int,
+                  split: str = 'train') -> tuple[buckets_lib.Buckets, np.ndarray]:
+  """The training shapes and their sampling weights, the same for every process."""
+  files = records.split_shards(records_dir, split)
+  if config.data.bucketing == 'off':
+    return buckets_lib.candidates(config, np.zeros((0, 3), int)), np.ones(1)
+  lengths = [split_lengths(files[s::streams]) for s in range(streams)]
+  return buckets_lib.for_training(config, lengths, config.data.augment_copies)
 
 
 def num_streams(config, process_count: int | None = None) -> int:
@@ -164,8 +220,11 @@ def num_streams(config, process_count: int | None = None) -> int:
 
 def train_batches(config, records_dir: str, local_batch_size: int, skip_batches: int = 0,
                   split: str = 'train', process_index: int | None = None,
-                  process_count: int | None = None, accum: int = 1) -> Iterator[Batch]:
+                  process_count: int | None = None, accum: int = 1,
+                  plan: tuple[buckets_lib.Buckets, np.ndarray] | None = None) -> Iterator[Batch]:
   """Endless iterator of this process's numpy training batches, reshuffled every pass.
+
+  `plan` is `train_buckets(...)` when the caller has it already (it reads every length).
 
   The global batch is made of `num_streams` streams, each over its own shard files
   (files[s::num_streams]) with its own seed; a process concatenates its share of them. The data
@@ -187,8 +246,9 @@ def train_batches(config, records_dir: str, local_batch_size: int, skip_batches:
     raise RecordsError(f'{records_dir}: {len(files)} {split} shard files for {streams} data '
                        'streams (one per process unless config.data.num_streams is set); '
                        'precompute with config.data.num_shards >= that into a new records_dir.')
+  plan = plan or train_buckets(config, records_dir, streams, split)
   mine = [_stream(config, meta, files[s::streams], config.seed + s,
-                  local_batch_size // per_process, skip_batches)
+                  local_batch_size // per_process, skip_batches, plan)
           for s in range(pi * per_process, (pi + 1) * per_process)]
   if len(mine) == 1:
     yield from mine[0]
@@ -199,17 +259,44 @@ def train_batches(config, records_dir: str, local_batch_size: int, skip_batches:
 
 
 def _stream(config, meta: dict[str, Any], files: list[str], seed: int, batch_size: int,
-            skip_batches: int) -> Iterator[Batch]:
-  """One stream's endless, seeded, augmented, padded batches."""
-  ds = _parsed(files, meta)
-  ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+            skip_batches: int, plan: tuple[buckets_lib.Buckets, np.ndarray]) -> Iterator[Batch]:
+  """One stream's endless batches: per step, the next batch of the scheduled shape."""
+  buckets, weights = plan
+  if len(buckets.shapes) == 1:
+    yield from _shape_stream(config, meta, files, seed, batch_size, skip_batches,
+                             buckets.shapes[0])
+    return
+  bucket_of = _bucket_fn(config, buckets)
+  done = np.bincount(buckets_lib.schedule(config.seed, weights, 0, skip_batches),
+                     minlength=len(weights)) if skip_batches else np.zeros(len(weights), int)
+  streams: dict[int, Iterator[Batch]] = {}
+  step = skip_batches
+  while True:
+    for j in buckets_lib.schedule(config.seed, weights, step, 1024):
+      if j not in streams:  # seeded by (stream seed, bucket); resumed past its used batches
+        shape_seed = int(np.random.SeedSequence([seed, int(j)]).generate_state(1)[0] >> 1)
+        buffer = max(batch_size, int(config.data.shuffle_buffer * weights[j]))
+        streams[j] = _shape_stream(config, meta, files, shape_seed, batch_size, int(done[j]),
+                                   buckets.shapes[j], bucket_of, int(j), buffer)
+      yield next(streams[j])
+    step += 1024
+
+
+def _shape_stream(config, meta: dict[str, Any], files: list[str], seed: int, batch_size: int,
+                  skip_batches: int, shape: tuple[int, int], bucket_of: Any = None,
+                  index: int = 0, shuffle_buffer: int | None = None) -> Iterator[Batch]:
+  """One stream's endless, seeded, augmented batches of one shape (of one bucket's examples)."""
+  buffer = shuffle_buffer or config.data.shuffle_buffer
+  ds = _parsed(files, meta, bucket_of, index)
+  ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat()  # endless: every process stops on the same step count, none runs out first
   if config.data.augment_copies > 0:
     expand, apply = _augment(config.data.augment_copies, config.data.augment_max_drop, seed,
                              config.data.augment_fixed)
     ds = ds.flat_map(expand).enumerate().map(apply)
-    ds = ds.shuffle(config.data.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=False)
-  ds = ds.map(lambda ex: pad_example(ex, config), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.shuffle(buffer, seed=seed + 1, reshuffle_each_iteration=False)
+  ds = ds.map(lambda ex: pad_example(ex, config, shape=shape),
+              num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).skip(skip_batches)
   ds = ds.prefetch(config.data.prefetch)
   yield from _numpy(ds, files)
@@ -239,21 +326,37 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
   if len(files) != len(meta['splits'][split]['shard_counts']):
     raise RecordsError(f'{records_dir}: {split} has {len(files)} finished shards of '
                        f'{len(meta["splits"][split]["shard_counts"])}; rerun precompute.')
-  counts = meta['splits'][split]['shard_counts']
-  per_process = [sum(counts[p::pc]) for p in range(pc)]
-  num_batches = max(1, math.ceil(max(per_process) / local_batch_size))
   mine = _process_files(files, pi, pc, records_dir)
-  ds = _parsed(mine, meta).map(lambda ex: pad_example(ex, config, with_item_ids=True))
-  filler = num_batches * local_batch_size - per_process[pi]
+  if config.data.bucketing == 'off':
+    buckets = buckets_lib.candidates(config, np.zeros((0, 3), int))
+    counts = meta['splits'][split]['shard_counts']
+    per_bucket = np.array([[sum(counts[p::pc])] for p in range(pc)])
+  else:
+    lengths = [split_lengths(files[p::pc]) for p in range(pc)]
+    buckets = buckets_lib.candidates(config, np.concatenate(lengths))
+    per_bucket = np.stack([np.bincount(buckets.assign(*buckets_lib.clip(config, x)),
+                                       minlength=len(buckets.shapes)) for x in lengths])
+  batches = [math.ceil(n / local_batch_size) for n in per_bucket.max(0)]
+  if sum(batches) == 0:  # an empty split still gives one (blank) batch
+    batches[-1] = 1
+  bucket_of = _bucket_fn(config, buckets) if len(buckets.shapes) > 1 else None
   dim = meta['fingerprint']['dim']
-  blank = {k: tf.zeros(s, tf.float32 if is_float(k) else tf.int32)
-           for k, s in shapes(config, dim).items()}
-  blank['id'] = tf.constant(b'')
-  blank['target_text'] = tf.constant(b'')
-  blank['history_item_ids'] = tf.fill([config.data.max_history], b'')
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(filler))
-  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(config.data.prefetch)
-  return num_batches, _numpy(ds, mine)
+  ds = None
+  for j, shape in enumerate(buckets.shapes):
+    if not batches[j]:
+      continue
+    part = _parsed(mine, meta, bucket_of, j).map(
+        lambda ex, shape=shape: pad_example(ex, config, with_item_ids=True, shape=shape))
+    blank = {k: tf.zeros(s, tf.float32 if is_float(k) else tf.int32)
+             for k, s in shapes(config, dim, *shape).items()}
+    blank['id'] = tf.constant(b'')
+    blank['target_text'] = tf.constant(b'')
+    blank['history_item_ids'] = tf.fill([config.data.max_history], b'')
+    filler = batches[j] * local_batch_size - int(per_bucket[pi, j])
+    part = part.concatenate(tf.data.Dataset.from_tensors(blank).repeat(filler))
+    part = part.batch(local_batch_size, drop_remainder=True)
+    ds = part if ds is None else ds.concatenate(part)
+  return sum(batches), _numpy(ds.prefetch(config.data.prefetch), mine)
 
 
 def to_global(batch: Batch, mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Array]:

@@ -7,6 +7,11 @@ can beat the frequency of the most common preference: with K preferences drawn u
 best non-personalised accuracy is 1/K (exactly: the majority-label share of the split, which
 `synthetic_info.json` records).
 
+With `lengths='lamp'` the texts take LaMP's lengths instead of the short defaults: the input,
+output and profile-item word counts are drawn per task from normal distributions with the
+means and spreads of the LaMP paper's data-statistics table (`LAMP_LENGTHS`), so throughput
+measured on them reflects the real padding. The personalisation signal is unchanged.
+
     python -m pplug_jax.data.synthetic --out DIR --task LaMP_2 --train_users 200 --seed 0
 """
 
@@ -39,11 +44,33 @@ FILLER = ('people city family friends journey night life house town story years 
           'secret young old man woman finds meets learns returns after before during small '
           'big new last first home road school work river winter summer letter').split()
 
+# Word counts (mean, standard deviation) of LaMP's user split, from the LaMP paper: Salemi et
+# al., "LaMP: When Large Language Models Meet Personalization" (ACL 2024, arXiv:2304.11406),
+# Table 2 (average input and output length in words). Profile-item lengths are not in that
+# table; those here are estimates from the tasks' item fields (a movie description, a news
+# article's text, a tweet). Outputs of LaMP-2 are one of the 15 tags.
+LAMP_LENGTHS = {
+    'LaMP_2': {'input': (92.4, 21.9), 'output': None, 'item': (60.0, 20.0)},
+    'LaMP_4': {'input': (30.0, 12.1), 'output': (10.1, 3.1), 'item': (40.0, 15.0)},
+    'LaMP_7': {'input': (29.7, 7.0), 'output': (17.0, 5.7), 'item': (17.0, 6.0)},
+}
+LAMP2_PROMPT_WORDS = 26  # the fixed LaMP-2 question around the description, in words
+
 LAMP2_PROMPT = ('Which tag does this movie relate to among the following tags? Just answer with '
                 'the tag name without further explanation. tags: [{tags}] description: {text}')
 LAMP7_PROMPT = 'Paraphrase the following tweet without any explanation before or after it: {text}'
+LAMP4_PROMPT = 'Generate a headline for the following article: {text}'
 
-SUPPORTED = ('LaMP_2', 'LaMP_7')
+SUPPORTED = ('LaMP_2', 'LaMP_4', 'LaMP_7')
+LENGTHS = ('short', 'lamp')
+
+
+def _count(rng: np.random.Generator, stats: tuple[float, float] | None, default: int,
+           minimum: int = 2) -> int:
+  """A word count: the default, or one drawn from N(mean, sd) and kept >= minimum."""
+  if stats is None:
+    return default
+  return max(minimum, int(round(rng.normal(*stats))))
 
 
 def _words(rng: np.random.Generator, pool: Sequence[str], n: int) -> list[str]:
@@ -67,39 +94,60 @@ def _dates(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def make_user(task: str, uid: str, pref: int, prefs: Sequence[str], n_items: int,
-              rng: np.random.Generator, signal: float) -> tuple[dict, str]:
+              rng: np.random.Generator, signal: float,
+              lengths: str = 'short') -> tuple[dict, str]:
   """One LaMP question (with profile) and its output for a user with preference `pref`."""
+  stats = LAMP_LENGTHS[task] if lengths == 'lamp' else {'input': None, 'output': None,
+                                                         'item': None}
   dates = _dates(rng, n_items)
   profile = []
   for k in range(n_items):
     own = rng.random() < signal
     p = pref if own else int(rng.integers(0, len(prefs)))
     if task == 'LaMP_2':
-      words = _words(rng, GENRE_WORDS[prefs[p]].split(), 3) + _words(rng, FILLER, 5)
+      words = _words(rng, GENRE_WORDS[prefs[p]].split(), 3) + _words(
+          rng, FILLER, _count(rng, stats['item'], 8, minimum=4) - 3)
       rng.shuffle(words)
       profile.append({'id': f'{uid}{k:04d}', 'tag': prefs[p], 'description': ' '.join(words),
                       'date': dates[k]})
+    elif task == 'LaMP_4':
+      profile.append({'id': f'{uid}{k:04d}', 'title': f'{prefs[p]} ' + ' '.join(
+          _words(rng, FILLER, 5)), 'text': ' '.join(_words(rng, FILLER, _count(
+              rng, stats['item'], 8))), 'date': dates[k]})
     else:
-      text = f'{prefs[p]}: ' + ' '.join(_words(rng, FILLER, 6))
+      text = f'{prefs[p]}: ' + ' '.join(_words(rng, FILLER, _count(rng, stats['item'], 7) - 1))
       profile.append({'id': f'{uid}{k:04d}', 'text': text, 'date': dates[k]})
-  body = ' '.join(_words(rng, FILLER, 8))
   if task == 'LaMP_2':
+    n = _count(rng, stats['input'] and (stats['input'][0] - LAMP2_PROMPT_WORDS,
+                                        stats['input'][1]), 8)
+    body = ' '.join(_words(rng, FILLER, n))
     question = LAMP2_PROMPT.format(tags=', '.join(prefs), text=body)
     output = prefs[pref]
+  elif task == 'LaMP_4':
+    body = ' '.join(_words(rng, FILLER, _count(rng, stats['input'] and (
+        stats['input'][0] - 7, stats['input'][1]), 8)))
+    question = LAMP4_PROMPT.format(text=body)
+    output = f'{prefs[pref]} ' + ' '.join(body.split()[:_count(rng, stats['output'], 6) - 1])
   else:
+    body = ' '.join(_words(rng, FILLER, _count(rng, stats['input'] and (
+        stats['input'][0] - 11, stats['input'][1]), 8)))
     question = LAMP7_PROMPT.format(text=body)
-    output = f'{prefs[pref]}: {body}'
+    kept = body.split()[:_count(rng, stats['output'], len(body.split())) - 1] \
+        if lengths == 'lamp' else body.split()
+    output = f'{prefs[pref]}: ' + ' '.join(kept)
   return {'id': uid, 'input': question, 'profile': profile}, output
 
 
 def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
              users: dict[str, int] | None = None, num_preferences: int = 4, seed: int = 0,
              empty_frac: float = 0.05, long_frac: float = 0.02, mean_items: int = 20,
-             signal: float = 0.8) -> dict:
+             signal: float = 0.8, lengths: str = 'short') -> dict:
   """Writes train/dev/test files under `lamp.task_dir(out_dir, task, split_type)`; returns info."""
   task = lamp.task_spec(task).name
   if task not in SUPPORTED:
     raise ValueError(f'synthetic data exists for {SUPPORTED}, not {task}.')
+  if lengths not in LENGTHS:
+    raise ValueError(f'lengths={lengths!r}: use one of {LENGTHS}.')
   pool = list(GENRE_WORDS) if task == 'LaMP_2' else list(TWEET_STYLES)
   if not 2 <= num_preferences <= len(pool):
     raise ValueError(f'num_preferences must be in [2, {len(pool)}] for {task}.')
@@ -107,7 +155,7 @@ def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
   users = users or {'train': 200, 'dev': 50, 'test': 50}
   rng = np.random.default_rng(seed)
   root = lamp.task_dir(out_dir, task, split_type)
-  info = {'task': task, 'seed': seed, 'preferences': prefs,
+  info = {'task': task, 'seed': seed, 'preferences': prefs, 'lengths': lengths,
           'best_non_personalised_accuracy': 1.0 / num_preferences, 'splits': {}}
   next_uid = 100000
   for split, n in users.items():
@@ -117,7 +165,7 @@ def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
       next_uid += 1
       pref = int(rng.integers(0, num_preferences))
       size = _profile_size(rng, empty_frac, long_frac, mean_items)
-      q, o = make_user(task, uid, pref, prefs, size, rng, signal)
+      q, o = make_user(task, uid, pref, prefs, size, rng, signal, lengths)
       questions.append(q)
       outputs[uid] = o
       counts[prefs[pref]] += 1
@@ -144,7 +192,7 @@ def main(argv):
   info = generate(FLAGS.out, FLAGS.task, FLAGS.split_type,
                   {'train': FLAGS.train_users, 'dev': FLAGS.dev_users, 'test': FLAGS.test_users},
                   FLAGS.num_preferences, FLAGS.seed, FLAGS.empty_frac, FLAGS.long_frac,
-                  FLAGS.mean_items, FLAGS.signal)
+                  FLAGS.mean_items, FLAGS.signal, FLAGS.lengths)
   print(json.dumps(info, indent=1))
 
 
@@ -162,5 +210,6 @@ if __name__ == '__main__':
   flags.DEFINE_float('long_frac', 0.02, 'Share of users with more than 512 profile items.')
   flags.DEFINE_integer('mean_items', 20, 'Mean profile size of the other users.')
   flags.DEFINE_float('signal', 0.8, "Share of a user's items that show their preference.")
+  flags.DEFINE_enum('lengths', 'short', list(LENGTHS), "'lamp': LaMP's text lengths per task.")
   flags.mark_flag_as_required('out')
   app.run(main)
