@@ -1,4 +1,10 @@
-"""Jitted generation over the T5 decode cache: the whole loop runs on device."""
+"""Jitted generation over the T5 decode cache: the whole loop runs on device.
+
+The self-attention cache grows in stages (`cache_stages`): a step attends over, and beam search
+reorders, a cache only as long as the current stage, so short outputs do not pay for
+`max_new_tokens` of cache on every step. Each stage is its own `while_loop` with static shapes;
+the loop stops as soon as every row is finished.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,27 @@ import jax
 import jax.numpy as jnp
 
 from pplug_jax.models import t5 as t5_lib
+
+FIRST_STAGE, STAGE_GROWTH = 32, 4
+
+
+def cache_stages(max_new_tokens: int) -> list[int]:
+  """Cache lengths of the decoding stages: 32, 128, 512, ... capped by max_new_tokens."""
+  sizes, size = [], FIRST_STAGE
+  while size < max_new_tokens:
+    sizes.append(size)
+    size *= STAGE_GROWTH
+  return sizes + [max_new_tokens]
+
+
+def _grow(cache: dict, length: int) -> dict:
+  """The cache with its self-attention keys/values zero-padded to `length` positions."""
+  out = {}
+  for key, value in cache.items():
+    if key.startswith('self') and value.shape[2] < length:
+      value = jnp.pad(value, [(0, 0), (0, 0), (0, length - value.shape[2]), (0, 0), (0, 0)])
+    out[key] = value
+  return out
 
 
 def greedy(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Array,
@@ -15,17 +42,14 @@ def greedy(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Arra
   v = {'params': llm_params}
   b = embedded.shape[0]
   encoded = llm.apply(v, embedded, mask, method=t5_lib.T5.encode)
-  cache = t5_lib.init_cache(c, b, max_new_tokens)
+  stages = cache_stages(max_new_tokens)
+  cache = t5_lib.init_cache(c, b, stages[0])
   start = jnp.full((b, 1), c.decoder_start_token_id, jnp.int32)
   # step 0 fills the cross-attention keys/values into the cache; later steps reuse them
   logits, cache = llm.apply(v, start, encoded, mask, cache, jnp.int32(0), method=t5_lib.T5.decode)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   tokens = jnp.full((b, max_new_tokens), c.pad_token_id, jnp.int32).at[:, 0].set(first)
   done = first == c.eos_token_id
-
-  def cond(carry):
-    i, _, _, done = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
     i, tokens, cache, done = carry
@@ -36,8 +60,11 @@ def greedy(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Arra
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], i, axis=1)
     return i + 1, tokens, cache, done | (nxt == c.eos_token_id)
 
-  _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, done))
-  return tokens
+  carry = (jnp.int32(1), tokens, cache, done)
+  for size in stages:
+    cond = lambda carry, size=size: (carry[0] < size) & ~jnp.all(carry[3])
+    carry = jax.lax.while_loop(cond, body, carry[:2] + (_grow(carry[2], size),) + carry[3:])
+  return carry[1]
 
 
 def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -61,7 +88,8 @@ def beam_search(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax
   k = 2 * nb
   neg = jnp.float32(-1.0e9)
   encoded = llm.apply(v, embedded, mask, method=t5_lib.T5.encode)
-  cache = t5_lib.init_cache(c, b * nb, t)
+  stages = cache_stages(t)
+  cache = t5_lib.init_cache(c, b * nb, stages[0])
   start = jnp.full((b * nb, 1), c.decoder_start_token_id, jnp.int32)
   logits, cache = llm.apply(v, start, encoded, mask, cache, jnp.int32(0), method=t5_lib.T5.decode)
 
@@ -113,10 +141,6 @@ def beam_search(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax
   st, parent = select(jnp.int32(0), logits, init)
   cache = reorder(cache, parent)
 
-  def cond(carry):
-    i, st, _ = carry
-    return (i < t) & st[-1]
-
   def body(carry):
     i, st, cache = carry
     prev = jax.lax.dynamic_slice_in_dim(st[0], i - 1, 1, axis=2).reshape(b * nb, 1)
@@ -124,7 +148,10 @@ def beam_search(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax
     st, parent = select(i, logits, st)
     return i + 1, st, reorder(cache, parent)
 
-  _, st, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), st, cache))
+  i = jnp.int32(1)
+  for size in stages:
+    cond = lambda carry, size=size: (carry[0] < size) & carry[1][-1]
+    i, st, cache = jax.lax.while_loop(cond, body, (i, st, _grow(cache, size)))
   tokens, scores = st[2][:, 0], st[3][:, 0]
   # after the first EOS, pad (HF fills the tail with its own filler)
   after_eos = jnp.cumsum(tokens == c.eos_token_id, axis=1) - (tokens == c.eos_token_id) > 0

@@ -78,3 +78,23 @@ def test_beam_search_matches_transformers(models, num_beams, length_penalty, ear
     ended_early += sum(len(r) < MAX_NEW for r in ours)
     assert np.isfinite(np.asarray(scores)).all()
   assert ended_early > 0
+
+
+def test_a_cache_grown_in_stages_decodes_the_same(models, monkeypatch):
+  """Stages of 4, 8, 12 cache positions (instead of 32, 128, ...) give HF's tokens too, with
+  rows that run past the first stages."""
+  monkeypatch.setattr(decoding, 'FIRST_STAGE', 4)
+  monkeypatch.setattr(decoding, 'STAGE_GROWTH', 2)
+  assert decoding.cache_stages(MAX_NEW) == [4, 8, 12]
+  longest = 0
+  for i, (ref, model, params) in enumerate(models):
+    emb, mask = _inputs(20 + i)
+    greedy = jax.jit(lambda p, e, m: decoding.greedy(model, p, e, m, MAX_NEW))(
+        params, jnp.asarray(emb), jnp.asarray(mask))
+    assert _until_eos(np.asarray(greedy)) == _hf(ref, emb, mask, num_beams=1)
+    tokens, _ = jax.jit(lambda p, e, m: decoding.beam_search(model, p, e, m, MAX_NEW, 4))(
+        params, jnp.asarray(emb), jnp.asarray(mask))
+    ours = _until_eos(np.asarray(tokens))
+    assert ours == _hf(ref, emb, mask, num_beams=4, length_penalty=1.0, early_stopping=False)
+    longest = max(longest, max(len(r) for r in ours))
+  assert longest > 8  # the last stage was reached
