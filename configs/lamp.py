@@ -12,6 +12,7 @@ Every key can be overridden on the command line, e.g. --config.optim.lr=3e-5.
 import ml_collections
 
 from pplug_jax import partitioning
+from pplug_jax.data import lamp
 
 SIZES = ('small', 'base', 'large', 'xl', 'xxl')
 ENCODERS = {
@@ -39,9 +40,18 @@ def _parse(arg):
   return out
 
 
+# The optimised baselines' training (Salemi et al., SIGIR 2024): Adam, lr 1e-5, clipping at 1.0,
+# 5 % linear warm-up, 10 epochs, batch 64.
+SALEMI_OPTIMISATION = dict(lr=1e-5, batch_size=64, epochs=10, warmup_frac=0.05, grad_clip=1.0,
+                           checkpoint_every=500)
+
+
 def get_config(arg=None):
   args = _parse(arg)
   demo = 'demo' in args or not args
+  if demo and args.get('task', '2') != '2':
+    raise ValueError(f'configs/lamp.py: the demo is synthetic LaMP-2; task={args["task"]} needs '
+                     'a real config, e.g. configs/lamp.py:task=N,size=small.')
   task = int(args.get('task', 2))
   if not 1 <= task <= 7:
     raise ValueError(f'configs/lamp.py: task={task} must be 1..7.')
@@ -66,7 +76,7 @@ def get_config(arg=None):
   c.data.num_streams = 0        # data streams of a global batch; 0 = one per process
   c.data.embedding_dtype = 'float32'
   c.data.max_input_length = 256
-  c.data.max_target_length = 10 if task == 3 else 128
+  c.data.max_target_length = lamp.task_spec(task).max_target_length  # LaMP-3: 10, else 128
   c.data.bucketing = 'auto'     # 'auto': a few length-bucket shapes | 'off': pad to the maxima
   c.data.input_buckets = ()     # input-length bounds by hand; () = from the data (README)
   c.data.target_buckets = ()    # target-length bounds by hand; () = from the data
@@ -102,7 +112,6 @@ def get_config(arg=None):
   c.plug = ml_collections.ConfigDict()
   c.plug.persona_scale = -1.0   # -1: mean L2 norm of the backbone's token embeddings
   c.plug.instruction_scale_divisor = 7.0
-  c.plug.empty_history = 'zero'
   c.plug.dtype = 'float32'
   c.plug.retrieval = ''         # '' | 'bm25' | 'recency': PPlug + retrieval (the paper's Table 3)
   c.plug.retrieval_k = 1        # items in the LaMP prompt the soft tokens are prepended to
@@ -131,7 +140,8 @@ def get_config(arg=None):
   c.eval.length_penalty = 1.0
   c.eval.early_stopping = False
   c.eval.explain_top_k = 5     # evaluate writes the top-k history items per example
-  c.eval.max_new_tokens = c.data.max_target_length
+  # follows data.max_target_length (a one-way link: setting this key alone breaks it)
+  c.eval.max_new_tokens = c.data.get_ref('max_target_length') + 0
 
   c.rag = ml_collections.ConfigDict()  # the retrieval baselines (python -m pplug_jax.baselines)
   c.rag.k = 4                   # PPlug's RAG setting (LaMP's script default is 1)
@@ -148,12 +158,7 @@ def get_config(arg=None):
   c.ropg.query_max_length = 512
   c.ropg.doc_max_length = 512
   c.ropg.dropout = 0.1          # in the retriever while training (BERT's default, as the code)
-  c.ropg.lr = 1e-5
-  c.ropg.batch_size = 64
-  c.ropg.epochs = 10
-  c.ropg.warmup_frac = 0.05
-  c.ropg.grad_clip = 1.0
-  c.ropg.checkpoint_every = 500
+  c.ropg.update(SALEMI_OPTIMISATION)
 
   c.rspg = ml_collections.ConfigDict()  # python -m pplug_jax.baselines.rspg --kind pre|post
   c.rspg.retrievers = ('none', 'bm25', 'contriever', 'recency', 'ropg-rl', 'ropg-kd')
@@ -162,12 +167,7 @@ def get_config(arg=None):
   c.rspg.temperature = 1.0
   c.rspg.loss_form = 'kl'       # 'kl' | 'reference' (the same at temperature 1)
   c.rspg.dropout = 0.1
-  c.rspg.lr = 1e-5
-  c.rspg.batch_size = 64
-  c.rspg.epochs = 10
-  c.rspg.warmup_frac = 0.05
-  c.rspg.grad_clip = 1.0
-  c.rspg.checkpoint_every = 500
+  c.rspg.update(SALEMI_OPTIMISATION)
 
   c.mesh_shape = (-1, 1)        # (data, model); -1 = all remaining devices
   c.logical_axis_rules = partitioning.STANDARD_RULES
@@ -218,7 +218,6 @@ def _demo(c):
       d_model=64, num_heads=4, d_kv=16, d_ff=128, num_layers=2, pretrain_steps=500,
       pretrain_lr=3e-3))
   c.encoder.update(ENCODERS['minilm'])
-  c.encoder.name = 'sentence-transformers/all-MiniLM-L6-v2'
   c.llm.name = 'demo-tiny-t5-byte'
   c.llm.tokenizer = 'byte'
   c.llm.dtype = 'float32'
@@ -241,7 +240,6 @@ def _demo(c):
   c.train.checkpoint_every = 100
   c.train.eval_batch_size = 40  # a multiple of 8: the demo also runs on 8 devices
   c.eval.num_beams = 1
-  c.eval.max_new_tokens = 16
   # RAG prompts in bytes: 192 keeps the k = 4 retrieved tags (LaMP's budget leaves no room for
   # the descriptions at this length) and keeps the tiny model's fitting fast.
   c.rag.max_length = 192

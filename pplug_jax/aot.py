@@ -14,7 +14,6 @@ chip's peak bf16 rate. When it does not fit, it says which knob to turn.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -26,10 +25,10 @@ from absl import flags, logging
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from pplug_jax import cli, generation, partitioning, system as system_lib, validation
+from pplug_jax import cli, fileio, generation, partitioning, system as system_lib, validation
 from pplug_jax.data import pipeline
 from pplug_jax.errors import ConfigError, UserError
-from pplug_jax.models import bert as bert_lib, hf_weights, plug as plug_lib, t5 as t5_lib
+from pplug_jax.models import bert as bert_lib, hf_weights, numerics, plug as plug_lib, t5 as t5_lib
 
 # FlanT5 (T5 v1.1) shapes from the released config.json files.
 FLAN_T5 = {
@@ -85,11 +84,10 @@ def _quiet_libtpu(topology: str) -> None:
 
 def topology_devices(name: str) -> list[Any]:
   """The devices of a TPU topology such as 'v5e:2x4' or 'v4:2x2x1', from libtpu."""
-  try:
-    import libtpu  # noqa: F401
-  except ImportError:
+  import importlib.util
+  if importlib.util.find_spec('libtpu') is None:
     raise UserError('planning for a TPU needs libtpu: pip install -e ".[tpu]" (it matches the '
-                    'pinned jax).') from None
+                    'pinned jax).')
   _quiet_libtpu(name)
   from jax.experimental import topologies
   try:
@@ -116,7 +114,7 @@ def llm_config_for(config) -> t5_lib.T5Config:
   s = FLAN_T5[size]
   return t5_lib.T5Config(d_model=s['d_model'], d_ff=s['d_ff'], num_heads=s['num_heads'],
                          num_encoder_layers=s['num_layers'], num_decoder_layers=s['num_layers'],
-                         **{k: (t5_lib.as_dtype(v) if 'dtype' in k else v)
+                         **{k: (numerics.as_dtype(v) if 'dtype' in k else v)
                             for k, v in overrides.items()})
 
 
@@ -150,7 +148,7 @@ def abstract_system(config, mesh: Mesh) -> system_lib.System:
   scale = config.plug.persona_scale if config.plug.persona_scale > 0 else 540.0
   plug = plug_lib.PersonaPlug(bert_config.hidden_size, llm_config.d_model, scale,
                               scale / config.plug.instruction_scale_divisor,
-                              t5_lib.as_dtype(config.plug.dtype))
+                              numerics.as_dtype(config.plug.dtype))
   query_encoder = query_params = None
   if config.encoder.mode == 'finetune':
     query_encoder = bert_lib.Bert(bert_config)
@@ -350,8 +348,7 @@ def main(argv):
   result = plan(f.config, f.topology, mesh)
   print(format_plan(result), flush=True)
   if f.json:
-    with open(f.json, 'w') as out:
-      json.dump(result, out, indent=1)
+    fileio.write_json(f.json, result)
   logging.info('plan written to %s', f.json or 'stdout')
 
 

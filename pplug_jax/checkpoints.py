@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pplug_jax import fileio
 from pplug_jax.errors import UserError, WorkdirError
 
 CONFIG_FILE = 'config.json'
@@ -96,6 +97,10 @@ RESUMABLE_CHANGES = ('train.log_every', 'train.eval_every', 'train.checkpoint_ev
                      'ropg.', 'rspg.')  # the optimised baselines check their own inputs
 
 
+# Keys older versions wrote that no code reads any more: their presence changes nothing.
+REMOVED_KEYS = ('plug.empty_history',)
+
+
 def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
   out = {}
   for k, v in tree.items():
@@ -113,7 +118,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
   changes = []
   for key in sorted(set(a) | set(b)):
     before, after = a.get(key, missing), b.get(key, missing)
-    if before == after or key.startswith(RESUMABLE_CHANGES):
+    if before == after or key.startswith(RESUMABLE_CHANGES) or key in REMOVED_KEYS:
       continue
     if key == 'optim.max_steps' and after != -1 and (before == -1 or after > before):
       continue  # training longer is fine; the schedule is laid over the new total
@@ -142,10 +147,7 @@ def check_resume_config(workdir: str, config) -> None:
 
 def save_config(workdir: str, config) -> None:
   """Writes config.json atomically: a reader never sees it half-written."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json(indent=1))
-  os.replace(path + '.tmp', path)
+  fileio.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
 
 
 def load_config(workdir: str):

@@ -14,6 +14,7 @@ import logging as logging_std
 import sys
 from typing import Any, Callable
 
+import jax
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
@@ -131,12 +132,34 @@ def _leave_distributed() -> None:
     jax.distributed.shutdown()
 
 
+def define_config_and_workdir(workdir_help: str) -> None:
+  """The --config (configs/lamp.py[:args], locked) and --workdir flags every job takes."""
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
+  flags.DEFINE_string('workdir', None, workdir_help)
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def job_config() -> Any:
+  """--config, after joining a multi-process job; for the demo, with its files made first."""
+  from pplug_jax import partitioning
+  partitioning.maybe_initialize_distributed()
+  config = flags.FLAGS.config
+  if config.demo:  # the demo's own files, never a user's
+    from pplug_jax import demo
+    demo.prepare(config, flags.FLAGS.workdir)
+  return config
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
   """app.run with friendly flag errors, tidy logs and user errors as one line + exit 2."""
   flags.DEFINE_bool('verbose', False, 'Show the traceback of user errors too.')
 
   def wrapped(argv: list[str]) -> Any:
     tidy_logging()
+    # Random streams that do not depend on how arrays are sharded (as big_vision and MaxText
+    # set it; this JAX's default too, pinned so a future default cannot change results).
+    jax.config.update('jax_threefry_partitionable', True)
     try:
       result = main(argv)
     except UserError as e:

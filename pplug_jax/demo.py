@@ -18,7 +18,7 @@ import optax
 from flax import linen as nn
 from absl import logging
 
-from pplug_jax import partitioning, tokenizers
+from pplug_jax import fileio, partitioning, tokenizers
 from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.errors import ConfigError
 from pplug_jax.data import lamp, synthetic
@@ -145,8 +145,8 @@ def pretrain_tiny_t5(config, out_dir: str) -> None:
                    'loss %.4f', i,
                    float(loss))
   hf_weights.save_t5(out_dir, t5_config, jax.device_get(params))
-  with open(os.path.join(out_dir, 'demo_pretrain.json'), 'w') as f:
-    json.dump({'steps': m.pretrain_steps, 'final_loss': float(loss)}, f)
+  fileio.write_json(os.path.join(out_dir, 'demo_pretrain.json'),
+                    {'steps': m.pretrain_steps, 'final_loss': float(loss)})
 
 
 BASELINES = ('none', 'bm25', 'recency', 'contriever')

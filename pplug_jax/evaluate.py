@@ -17,8 +17,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pplug_jax import (checkpoints, cli, generation, partitioning, precompute,
-                       system as system_lib)
+from pplug_jax import checkpoints, cli, fileio, generation, partitioning, system as system_lib
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
 
@@ -26,16 +25,17 @@ from pplug_jax.errors import RecordsError
 def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> dict[str, Any]:
   """Runs generation on `split` with the `which` checkpoint; returns metrics (may be empty)."""
   trainable, step = checkpoints.load_params(workdir, which)
-  rdir = precompute.records_dir(config, workdir)
-  meta = records.read_metadata(rdir)
+  records_path = records.records_dir(config, workdir)
+  meta = records.read_metadata(records_path)
   if split not in meta['splits']:
-    raise RecordsError(f'{rdir}: no {split} records; precompute found {sorted(meta["splits"])}.')
+    raise RecordsError(f'{records_path}: no {split} records; precompute found '
+                       f'{sorted(meta["splits"])}.')
   mesh = partitioning.make_mesh(config.mesh_shape)
   system = system_lib.load_system(config, meta['fingerprint']['dim'], mesh)
-  trainable = jax.device_put(trainable, system_lib.replicated_like(trainable, mesh))
+  trainable = jax.device_put(trainable, partitioning.replicated_like(trainable, mesh))
   spec = lamp.task_spec(config.task)
   generator = generation.SplitGenerator(system, config)
-  out = generator.generate_split(trainable, rdir, split, config.train.eval_batch_size,
+  out = generator.generate_split(trainable, records_path, split, config.train.eval_batch_size,
                                  desc=f'{split} (step {step})',
                                  explain_top_k=config.eval.explain_top_k)
   ids = sorted(out['predictions'], key=lambda i: (len(i), i))
@@ -43,22 +43,15 @@ def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> d
   result: dict[str, Any] = {'step': step, 'split': split, 'count': len(ids),
                             'examples_per_second': out['examples_per_second']}
   if jax.process_index() == 0:
-    _write(os.path.join(workdir, f'predictions_{split}.json'), preds)
+    fileio.write_json(os.path.join(workdir, f'predictions_{split}.json'), preds)
     if config.eval.explain_top_k > 0:
-      _write(os.path.join(workdir, f'explanations_{split}.json'), out['explanations'])
+      fileio.write_json(os.path.join(workdir, f'explanations_{split}.json'), out['explanations'])
   if meta['splits'][split].get('has_outputs'):
     result.update(generation.score(spec.name, out))
     if jax.process_index() == 0:
-      _write(os.path.join(workdir, f'metrics_{split}.json'), result)
+      fileio.write_json(os.path.join(workdir, f'metrics_{split}.json'), result)
   logging.info('%s: %s', split, result)
   return result
-
-
-def _write(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False)
-  os.replace(tmp, path)
 
 
 def main(argv):

@@ -21,7 +21,7 @@ from absl import flags
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from pplug_jax import checkpoints, cli, precompute, system as system_lib
+from pplug_jax import checkpoints, cli, fileio, system as system_lib
 from pplug_jax.data import records
 from pplug_jax.errors import UserError
 from pplug_jax.models import bert as bert_lib, hf_weights, plug as plug_lib
@@ -54,11 +54,9 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
   config = config or checkpoints.load_config(workdir)
   trainable, step = checkpoints.load_params(workdir, which)
   llm_config = hf_weights.load_t5_config(config.llm.path)
-  meta = records.read_metadata(precompute.records_dir(config, workdir))
+  meta = records.read_metadata(records.records_dir(config, workdir))
   # the scale the plug was trained with (derived from the backbone unless set in the config)
-  scale = float(config.plug.persona_scale)
-  if scale <= 0:
-    scale = hf_weights.embedding_norm_mean(config.llm.path)
+  scale = plug_lib.persona_scale(config, hf_weights.embedding_table(config.llm.path))
   metrics = {}
   result_file = os.path.join(workdir, 'train_result.json')
   if os.path.exists(result_file):
@@ -74,14 +72,15 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
                                               pooling=config.encoder.pooling)
     hf_weights.save_bert(os.path.join(out, QUERY_ENCODER_DIR), config.encoder.path, bert_config,
                          trainable['query_encoder'])
-  fp = meta['fingerprint']
+  fingerprint = meta['fingerprint']
   plug_config = {
       'format': 'pplug_jax.plug/1', 'task': config.task, 'step': step, 'dev_metrics': metrics,
       'llm': {'name': config.llm.name, 'path': config.llm.path, 'tokenizer': config.llm.tokenizer,
               'd_model': llm_config.d_model, 'dtype': config.llm.dtype,
               'vocab_limit': system_lib.vocab_limit(config)},
-      'encoder': {'name': config.encoder.name, 'path': config.encoder.path, 'dim': fp['dim'],
-                  'pooling': fp['pooling'], 'normalize': fp['normalize'],
+      'encoder': {'name': config.encoder.name, 'path': config.encoder.path,
+                  'dim': fingerprint['dim'],
+                  'pooling': fingerprint['pooling'], 'normalize': fingerprint['normalize'],
                   'query_prefix': config.encoder.query_prefix, 'mode': config.encoder.mode},
       'persona_scale': scale,
       'instruction_scale': scale / config.plug.instruction_scale_divisor,
@@ -95,8 +94,7 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
                      'early_stopping': config.eval.early_stopping,
                      'max_new_tokens': config.eval.max_new_tokens},
   }
-  with open(os.path.join(out, CONFIG_FILE), 'w') as f:
-    json.dump(plug_config, f, indent=1)
+  fileio.write_json(os.path.join(out, CONFIG_FILE), plug_config)
   if with_reference_names:
     save_file(reference_names(trainable['plug']), os.path.join(out, REFERENCE_FILE))
   for folder, _, names in os.walk(out):  # safetensors writes 0600; exports are shared

@@ -17,6 +17,24 @@ def write_json(path: str, obj: Any, indent: int | None = 1) -> None:
   os.replace(tmp, path)
 
 
+def record_or_check(path: str, identity: dict[str, Any], what: str, remedy: str,
+                    write: bool = True) -> None:
+  """Writes what a file set is made from (`identity`) the first time; later, refuses to reuse
+  it if any entry changed, naming them, `what` was made and how to proceed (`remedy`).
+
+  Every process checks (so all refuse alike); only the one with `write` records."""
+  from pplug_jax.errors import WorkdirError
+  if os.path.exists(path):
+    old = read_json(path)
+    changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if changed:
+      raise WorkdirError(f'{path}: {what} were made with other settings or inputs (changed: '
+                         f'{", ".join(changed)}). {remedy}')
+  elif write:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    write_json(path, identity)
+
+
 def read_json(path: str) -> Any:
   with open(path, encoding='utf-8') as f:
     return json.load(f)

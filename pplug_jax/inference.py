@@ -17,8 +17,8 @@ from absl import logging
 import numpy as np
 
 from pplug_jax import export, generation, partitioning, tokenizers
-from pplug_jax.data import lamp
-from pplug_jax.models import bert as bert_lib, hf_weights, plug as plug_lib, t5 as t5_lib
+from pplug_jax.data import buckets, lamp
+from pplug_jax.models import bert as bert_lib, hf_weights, numerics, plug as plug_lib, t5 as t5_lib
 from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.system import System
 
@@ -35,41 +35,37 @@ def _texts(value, name: str) -> list[str]:
   return value
 
 
-def _bucket(n: int, cap: int) -> int:
-  size = 8
-  while size < n:
-    size *= 2
-  return max(1, min(size, cap))
-
-
 class PersonaPlugGenerator:
   """Personalised generation with a frozen FlanT5 and an exported plug."""
 
   def __init__(self, llm_path: str, encoder_path: str, plug_path: str, dtype: str = 'float32',
                num_beams: int | None = None, max_new_tokens: int | None = None):
     self.plug_config, trainable = export.load_export(plug_path)
-    pc = self.plug_config
-    llm_config, llm_params = hf_weights.load_t5(llm_path, dtype=t5_lib.as_dtype(dtype),
-                                                vocab_limit=pc['llm'].get('vocab_limit', 0))
-    if llm_config.d_model != pc['llm']['d_model']:
-      raise ValueError(f'{plug_path} was trained for d_model={pc["llm"]["d_model"]} '
-                       f'({pc["llm"]["name"]}); {llm_path} has d_model={llm_config.d_model}.')
-    d = pc['data']
-    self.encoder = TextEncoder(encoder_path, pc['encoder']['pooling'], pc['encoder']['normalize'],
-                               max_length=d['item_max_length'])
-    if self.encoder.dim != pc['encoder']['dim']:
-      raise ValueError(f'{plug_path} expects {pc["encoder"]["dim"]}-d encoder embeddings '
-                       f'({pc["encoder"]["name"]}); {encoder_path} gives {self.encoder.dim}.')
-    gen = dict(pc['generation'])
+    plug_config = self.plug_config
+    llm_config, llm_params = hf_weights.load_t5(
+        llm_path, dtype=numerics.as_dtype(dtype),
+        vocab_limit=plug_config['llm'].get('vocab_limit', 0))
+    if llm_config.d_model != plug_config['llm']['d_model']:
+      raise ValueError(f'{plug_path} was trained for d_model={plug_config["llm"]["d_model"]} '
+                       f'({plug_config["llm"]["name"]}); {llm_path} has '
+                       f'd_model={llm_config.d_model}.')
+    d = plug_config['data']
+    self.encoder = TextEncoder(encoder_path, plug_config['encoder']['pooling'],
+                               plug_config['encoder']['normalize'], max_length=d['item_max_length'])
+    if self.encoder.dim != plug_config['encoder']['dim']:
+      raise ValueError(f'{plug_path} expects {plug_config["encoder"]["dim"]}-d encoder embeddings '
+                       f'({plug_config["encoder"]["name"]}); {encoder_path} gives '
+                       f'{self.encoder.dim}.')
+    gen = dict(plug_config['generation'])
     if num_beams is not None:
       gen['num_beams'] = num_beams
     if max_new_tokens is not None:
       gen['max_new_tokens'] = max_new_tokens
     self.settings = generation.GenerationSettings(**gen)
-    self.tokenizer = tokenizers.load_llm_tokenizer(pc['llm']['tokenizer'], llm_path)
-    self.task = lamp.task_spec(pc['task'])
-    plug = plug_lib.PersonaPlug(self.encoder.dim, llm_config.d_model, pc['persona_scale'],
-                                pc['instruction_scale'])
+    self.tokenizer = tokenizers.load_llm_tokenizer(plug_config['llm']['tokenizer'], llm_path)
+    self.task = lamp.task_spec(plug_config['task'])
+    plug = plug_lib.PersonaPlug(self.encoder.dim, llm_config.d_model, plug_config['persona_scale'],
+                                plug_config['instruction_scale'])
     query_encoder = None
     if 'query_encoder' in trainable:
       query_encoder = bert_lib.Bert(self.encoder.config)
@@ -134,7 +130,7 @@ class PersonaPlugGenerator:
       raise ValueError(f'{n} inputs but {len(hist)} histories.')
     if n == 0:
       return ([], np.zeros((0, 0), np.float32)) if return_weights else []
-    h = _bucket(max([len(x) for x in hist] + [1]), self.max_history)
+    h = buckets.pad_size(max([len(x) for x in hist] + [1]), self.max_history)
     history = np.zeros((n, h, self.encoder.dim), np.float32)
     history_mask = np.zeros((n, h), np.int32)
     for i, x in enumerate(hist):

@@ -78,10 +78,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> NamedSharding:
-  """Shards dim 0 the way the 'batch' logical axis is mapped; the rest replicated."""
-  spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), tuple(rules))
-  return NamedSharding(mesh, spec)
+def replicated_like(tree: Any, mesh: Mesh) -> Any:
+  """A replicated sharding for every leaf (the plug and its optimizer state are small)."""
+  return jax.tree.map(lambda _: replicated(mesh), tree)
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int,
+                   leading: int = 0) -> NamedSharding:
+  """Shards dim `leading` the way the 'batch' logical axis is mapped; the rest replicated.
+
+  `leading=1` is a [accum, batch, ...] array of micro-batches: the accumulation axis stays whole.
+  """
+  axes = (None,) * leading + ('batch',) + (None,) * (ndim - leading - 1)
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, tuple(rules)))
 
 
 def global_from_host(mesh: Mesh, rules: Sequence[tuple[str, Any]], x: np.ndarray) -> jax.Array:

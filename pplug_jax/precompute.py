@@ -11,7 +11,6 @@ or input files are refused.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Any
@@ -22,29 +21,13 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pplug_jax import cli, partitioning, tokenizers
+from pplug_jax import cli, fileio, partitioning, tokenizers
 from pplug_jax.data import lamp, records
-from pplug_jax.errors import ConfigError, RecordsError
+from pplug_jax.errors import RecordsError
 from pplug_jax.models import hf_weights
 from pplug_jax.models.text_encoder import TextEncoder
 
 
-def records_dir(config, workdir: str = '') -> str:
-  if config.data.records_dir:
-    return config.data.records_dir
-  if not workdir:
-    raise ConfigError('config.data.records_dir is empty and no --workdir was given.')
-  return os.path.join(workdir, 'records')
-
-
-def _file_hash(paths: list[str | None]) -> str:
-  h = hashlib.sha256()
-  for p in paths:
-    if p:
-      with open(p, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-          h.update(chunk)
-  return h.hexdigest()
 
 
 def fingerprint(config) -> dict[str, Any]:
@@ -54,7 +37,7 @@ def fingerprint(config) -> dict[str, Any]:
   dimension and tokenizer are left out: they cannot be checked.
   """
   spec = lamp.task_spec(config.task)
-  fp = dict(
+  out = dict(
       task=spec.name, split_type=config.split_type, encoder_name=config.encoder.name,
       pooling=config.encoder.pooling, normalize=bool(config.encoder.normalize),
       embedding_dtype=config.data.embedding_dtype, encoder_dtype=config.encoder.dtype,
@@ -65,20 +48,21 @@ def fingerprint(config) -> dict[str, Any]:
       item_max_length=config.data.item_max_length,
       query_max_length=config.data.query_max_length, num_shards=config.data.num_shards)
   if config.plug.retrieval:  # only then, so records made before this key still match
-    fp['plug_retrieval'] = f'{config.plug.retrieval}:{config.plug.retrieval_k}'
+    out['plug_retrieval'] = f'{config.plug.retrieval}:{config.plug.retrieval_k}'
   if config.data.history_order != 'date':  # likewise
-    fp['history_order'] = config.data.history_order
+    out['history_order'] = config.data.history_order
   if config.data.query_source != 'input':  # likewise
-    fp['query_source'] = config.data.query_source
+    out['query_source'] = config.data.query_source
   if config.encoder.path:
-    fp.update(encoder_path=os.path.abspath(config.encoder.path),
+    out.update(encoder_path=os.path.abspath(config.encoder.path),
               dim=int(hf_weights.read_hf_config(config.encoder.path)['hidden_size']),
               encoder_tokenizer=tokenizers.tokenizer_name(
                   tokenizers.load_tokenizer(config.encoder.path)))
-  return fp
+  return out
 
 
-_OPTIONAL_KEYS = ('plug_retrieval', 'history_order', 'query_source')  # in a fingerprint only when set
+# in a fingerprint only when set
+_OPTIONAL_KEYS = ('plug_retrieval', 'history_order', 'query_source')
 _HOW_TO_PROCEED = ('Use a new config.data.records_dir, or pass --config.data.rebuild_records=True '
                    'to delete these records and make them again.')
 
@@ -106,7 +90,7 @@ def verify_records(config, out_dir: str, current: dict[str, Any] | None = None) 
         files = lamp.split_files(root, split)
       except lamp.LampError:
         continue  # a split no longer there is simply not used
-      if _file_hash(list(files)) != info['sha256']:
+      if fileio.sha256_of(list(files)) != info['sha256']:
         raise RecordsError(f'{out_dir}: the {split} records were made from other input files '
                            f'({files[0]} or its outputs file changed since). ' + _HOW_TO_PROCEED)
   return meta
@@ -182,7 +166,7 @@ def _llm_inputs(config, split: str, examples: list[lamp.Example], llm_tok) -> li
 def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict[str, Any]:
   """Precomputes every split found; returns the metadata. `stop_after_shards` is for tests."""
   spec = lamp.task_spec(config.task)
-  out_dir = records_dir(config, workdir)
+  out_dir = records.records_dir(config, workdir)
   os.makedirs(out_dir, exist_ok=True)
   root = lamp.task_dir(config.data.lamp_dir, spec.name, config.split_type)
   if not config.data.lamp_dir or not os.path.isdir(root):
@@ -212,7 +196,7 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
       continue
     examples = lamp.load_split(config.data.lamp_dir, spec.name, split, config.split_type)
     llm_inputs = _llm_inputs(config, split, examples, llm_tok)
-    digest = _file_hash([qfile, ofile])
+    digest = fileio.sha256_of([qfile, ofile])
     n = config.data.num_shards
     parts = np.array_split(np.arange(len(examples)), n)
     meta['splits'][split] = {

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from pplug_jax import partitioning
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert as bert_lib
 from pplug_jax.models import hf_weights, plug as plug_lib, t5 as t5_lib
-from pplug_jax.models.t5 import as_dtype
+from pplug_jax.models.numerics import as_dtype
 
 Batch = dict[str, jax.Array]
 
@@ -125,7 +125,8 @@ def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
   rules = tuple(config.logical_axis_rules)
   llm, llm_params = load_llm(config, mesh)
   llm_config = llm.config
-  plug = plug_lib.make_plug(config, encoder_dim, llm_config)
+  plug = plug_lib.make_plug(config, encoder_dim, llm_config,
+                           llm_params['token_embedder']['embedding'])
   query_encoder = query_params = None
   if config.encoder.mode == 'finetune':
     bconf, query_params = hf_weights.load_bert(config.encoder.path,
@@ -215,9 +216,10 @@ def compile_train_step(system: System, tx: optax.GradientTransformation, abstrac
   from pplug_jax.data import pipeline
   mesh, rules = system.mesh, system.rules
   micro, accum = config.optim.batch_size, config.optim.grad_accum
-  state_sharding = replicated_like(abstract_state, mesh)
+  state_sharding = partitioning.replicated_like(abstract_state, mesh)
   shapes = pipeline.shapes(config, system.encoder_dim, *(shape or (None, None)))
-  batch_sharding = {k: accum_sharding(mesh, rules, 2 + len(s)) for k, s in shapes.items()}
+  batch_sharding = {k: partitioning.batch_sharding(mesh, rules, 2 + len(s), leading=1)
+                    for k, s in shapes.items()}
   step_fn = jax.jit(make_train_step(system, tx, config.seed),
                     in_shardings=(state_sharding,
                                   jax.tree.map(lambda x: x.sharding, system.llm_params),
@@ -244,13 +246,3 @@ def memory_summary(compiled) -> dict[str, float]:
                   out['code'])
   return out
 
-
-def accum_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
-  """[accum, batch, ...]: accumulation axis replicated, batch as the rules say."""
-  spec = nn.logical_to_mesh_axes((None, 'batch') + (None,) * (ndim - 2), tuple(rules))
-  return NamedSharding(mesh, spec)
-
-
-def replicated_like(tree, mesh: Mesh):
-  """A replicated sharding for every leaf (the plug and its optimizer state are small)."""
-  return jax.tree.map(lambda _: partitioning.replicated(mesh), tree)

@@ -46,13 +46,5 @@ def load_llm_tokenizer(tokenizer: str, llm_path: str) -> Any:
   return load_tokenizer(name)
 
 
-def encoder_tokenizer(config) -> Any:
-  if not config.encoder.path:
-    raise UserError('config.encoder.path is empty: download the encoder (e.g. '
-                     'BAAI/bge-base-en-v1.5) as a Hugging Face directory and set '
-                     '--config.encoder.path=DIR.')
-  return load_tokenizer(config.encoder.path)
-
-
 def tokenizer_name(tok: Any) -> str:
   return f'{type(tok).__name__}:{getattr(tok, "name_or_path", "")}:{len(tok)}'

@@ -11,7 +11,6 @@ metric is kept in DIR/best.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -24,8 +23,8 @@ from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from pplug_jax import (checkpoints, cli, generation, partitioning, precompute, system as system_lib,
-                       validation)
+from pplug_jax import (checkpoints, cli, fileio, generation, partitioning, precompute,
+                       system as system_lib, validation)
 from pplug_jax.data import lamp, pipeline, records
 from pplug_jax.errors import ConfigError, RecordsError
 from pplug_jax.models import plug as plug_lib
@@ -34,8 +33,8 @@ from pplug_jax.workdir_lock import WorkdirLock
 
 def check_inputs(config, workdir: str) -> str:
   """Fails fast, naming the config key to set, when weights or data are missing."""
-  rdir = precompute.records_dir(config, workdir)
-  have_records = os.path.exists(os.path.join(rdir, records.METADATA))
+  records_path = records.records_dir(config, workdir)
+  have_records = os.path.exists(os.path.join(records_path, records.METADATA))
   problems = []
   files = 'config.json, model.safetensors and the tokenizer files'
   if not config.llm.path or not os.path.isdir(config.llm.path):
@@ -52,33 +51,34 @@ def check_inputs(config, workdir: str) -> str:
   if problems:
     raise ConfigError('cannot start training:\n  ' + '\n  '.join(problems) +
                       '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo')
-  return rdir
+  return records_path
 
 
-def _records_complete(rdir: str) -> bool:
-  if not os.path.exists(os.path.join(rdir, records.METADATA)):
+def _records_complete(records_path: str) -> bool:
+  if not os.path.exists(os.path.join(records_path, records.METADATA)):
     return False
-  meta = records.read_metadata(rdir)
+  meta = records.read_metadata(records_path)
   return bool(meta.get('splits')) and all(
-      len(records.split_shards(rdir, s)) == len(info['shard_counts'])
+      len(records.split_shards(records_path, s)) == len(info['shard_counts'])
       for s, info in meta['splits'].items())
 
 
-def prepare_records(config, workdir: str, rdir: str) -> dict[str, Any]:
+def prepare_records(config, workdir: str, records_path: str) -> dict[str, Any]:
   """Records made from exactly these inputs and settings: verified, rebuilt or made; metadata."""
   try:
-    precompute.verify_records(config, rdir)
+    precompute.verify_records(config, records_path)
   except RecordsError:
     if not config.data.rebuild_records:
       raise
     if partitioning.is_main_process():
       logging.warning('%s: records made from other inputs; deleting %d files to rebuild them '
-                      '(config.data.rebuild_records).', rdir, precompute.delete_records(rdir))
+                      '(config.data.rebuild_records).', records_path,
+                      precompute.delete_records(records_path))
   partitioning.sync('records checked')  # every process decides on the same files
-  if not _records_complete(rdir):
-    logging.info('Precomputing encoder embeddings into %s', rdir)
+  if not _records_complete(records_path):
+    logging.info('Precomputing encoder embeddings into %s', records_path)
     precompute.run(config, workdir)  # each process encodes its own shards
-  return records.read_metadata(rdir)
+  return records.read_metadata(records_path)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -97,15 +97,15 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if config.demo:
     from pplug_jax import demo
     demo.prepare(config, workdir)
-  rdir = check_inputs(config, workdir)
-  validation.check_splits(config, rdir)
+  records_path = check_inputs(config, workdir)
+  validation.check_splits(config, records_path)
   config.data.num_streams = pipeline.num_streams(config)  # recorded: it fixes the data order
   checkpoints.check_resume_config(workdir, config)
   partitioning.sync('config checked')  # every process has read the old config.json
   if partitioning.is_main_process():
     checkpoints.save_config(workdir, config)
-  meta = prepare_records(config, workdir, rdir)
-  spec = lamp.task_spec(config.task)
+  meta = prepare_records(config, workdir, records_path)
+  task_spec = lamp.task_spec(config.task)
   mesh = partitioning.make_mesh(config.mesh_shape)
   logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
@@ -119,7 +119,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- steps and optimizer
   micro, accum = config.optim.batch_size, config.optim.grad_accum
   per_step = micro * accum
-  n_train = pipeline.num_train_examples(config, rdir)
+  n_train = pipeline.num_train_examples(config, records_path)
   total_steps = config.optim.max_steps if config.optim.max_steps > 0 else \
       (n_train * config.optim.epochs) // per_step
   if total_steps <= 0:
@@ -131,10 +131,10 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- state: init or resume
   init_state = system_lib.init_state_fn(system, tx, config.seed)
   abstract = jax.eval_shape(init_state)
-  plan = pipeline.train_buckets(config, rdir, config.data.num_streams)
+  plan = pipeline.train_buckets(config, records_path, config.data.num_streams)
   steps_by_shape = {}  # every bucket's step compiled up front: no compile after the start
   for shape, share in zip(plan[0].shapes, plan[1]):
-    compiled, state_sharding, batch_sharding = system_lib.compile_train_step(
+    compiled, state_sharding, _ = system_lib.compile_train_step(
         system, tx, abstract, config, shape)
     steps_by_shape[shape] = compiled
     mem = system_lib.memory_summary(compiled)
@@ -149,30 +149,30 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)
     restored = manager.restore(latest, args=checkpoints.restore_args(target))
-    state, data_batches = restored['state'], restored['meta']['data_batches']
+    state = restored['state']
     logging.info('Resumed from %s at step %d', manager.directory, latest)
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)()
-    data_batches = 0
+  # One global batch per step, so the data position is the step: a resume skips that many.
   start_step = int(state['step'])
 
   # ---------------------------------------------------------------- evaluation
   generator = generation.SplitGenerator(system, config)  # compiled once, reused by every eval
 
   def evaluate(trainable, persona=True, desc='dev'):
-    out = generator.generate_split(trainable, rdir, 'dev', config.train.eval_batch_size,
+    out = generator.generate_split(trainable, records_path, 'dev', config.train.eval_batch_size,
                                    persona=persona, max_batches=config.train.max_eval_batches,
                                    desc=desc)
-    return generation.score(spec.name, out)
+    return generation.score(task_spec.name, out)
 
   def score_of(m):  # larger is better, for the best checkpoint
-    return m[spec.main_metric] if spec.metric_mode == 'max' else -m[spec.main_metric]
+    return m[task_spec.main_metric] if task_spec.metric_mode == 'max' else -m[task_spec.main_metric]
 
   # ---------------------------------------------------------------- train loop
   main_process = partitioning.is_main_process()
   writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), write_to_disk=main_process)
   local_batch = per_step // jax.process_count()
-  batches = pipeline.train_batches(config, rdir, local_batch, skip_batches=data_batches,
+  batches = pipeline.train_batches(config, records_path, local_batch, skip_batches=start_step,
                                    accum=accum, plan=plan)
   logging.info('Training %d steps (%d examples per epoch incl. augmentation, %d per step) from '
                'step %d', total_steps, n_train, per_step, start_step)
@@ -184,23 +184,20 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     try:
       batch = next(batches)
     except StopIteration:  # the data repeats endlessly, so only empty shards can end it
-      raise RecordsError(f'{rdir}: process {jax.process_index()} has no training examples in '
-                         'its shard files; make the records with more examples than '
+      raise RecordsError(f'{records_path}: process {jax.process_index()} has no training '
+                         'examples in its shard files; make the records with more examples than '
                          'config.data.num_shards.') from None
-    local = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()
-             if v.dtype.kind not in 'SUO'}
-    global_batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k])
-                    for k in batch_sharding}
+    micro_batches = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}
+    global_batch = pipeline.to_global(micro_batches, mesh, system.rules, leading=1)
     shape = (batch['input_ids'].shape[-1], batch['target_ids'].shape[-1])
     state, metrics = steps_by_shape[shape](state, system.llm_params, global_batch)
     if pending is not None:  # check the previous step's loss without stalling this one
       _check_finite(*pending)
     step += 1
-    data_batches += 1
     seen += per_step
     pending = (metrics['loss'], step)
     bar.update(1)
-    if step % config.train.log_every == 0 or step == total_steps:
+    if _is_due(step, config.train.log_every, total_steps):
       loss = float(metrics['loss'])
       _check_finite(loss, step)
       rate = seen / (time.time() - t0)
@@ -211,17 +208,15 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       writer.add_scalar('train/loss', loss, step)
       writer.add_scalar('train/lr', lr, step)
       writer.add_scalar('train/examples_per_second', rate, step)
-    if step % config.train.eval_every == 0 or step == total_steps:
+    if _is_due(step, config.train.eval_every, total_steps):
       last_eval = evaluate(state['params'])
       logging.info('step %d dev: %s', step, _fmt(last_eval))
       for k, v in last_eval.items():
         writer.add_scalar(f'dev/{k}', v, step)
-      best.save(step, args=checkpoints.save_args(state, {'data_batches': data_batches,
-                                                         'step': step, 'dev': last_eval}),
+      best.save(step, args=checkpoints.save_args(state, {'step': step, 'dev': last_eval}),
                 metrics={'score': float(score_of(last_eval))})
-    if step % config.train.checkpoint_every == 0 or step == total_steps:
-      manager.save(step, args=checkpoints.save_args(state, {'data_batches': data_batches,
-                                                            'step': step, 'seed': config.seed}))
+    if _is_due(step, config.train.checkpoint_every, total_steps):
+      manager.save(step, args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
   bar.close()
   if pending is not None:
     _check_finite(*pending)
@@ -235,9 +230,14 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     result.update(demo.compare(config, workdir, system.mesh, evaluate, state['params'],
                                result['dev']))
   if main_process:
-    with open(os.path.join(workdir, 'train_result.json'), 'w') as f:
-      json.dump(result, f, indent=1)
+    fileio.write_json(os.path.join(workdir, 'train_result.json'), result)
   return result
+
+
+def _is_due(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action (log, evaluate, checkpoint) runs after `step`: every `every`
+  steps, and always after the last."""
+  return step % every == 0 or step == total
 
 
 def _check_finite(loss, step: int) -> None:

@@ -15,7 +15,7 @@ import jax
 from pplug_jax import partitioning
 from pplug_jax.data import buckets, lamp, records
 from pplug_jax.errors import ConfigError
-from pplug_jax.models import bert, t5
+from pplug_jax.models import bert, numerics, t5
 
 ENCODER_MODES = ('frozen', 'finetune')
 EMBEDDING_DTYPES = ('float32', 'float16')
@@ -66,7 +66,7 @@ def _problems_of_values(c) -> list[str]:
   one_of('encoder.mode', ENCODER_MODES)
   one_of('encoder.pooling', bert.POOLINGS)
   for key in ('encoder.dtype', 'llm.dtype', 'llm.param_dtype', 'plug.dtype'):
-    one_of(key, t5.DTYPES)
+    one_of(key, numerics.DTYPES)
   one_of('llm.remat_policy', ('none', *t5.REMAT_POLICIES))
   need(c.plug.persona_scale == -1 or c.plug.persona_scale > 0, 'plug.persona_scale',
        'must be > 0, or -1 to derive it from the backbone')

@@ -235,8 +235,10 @@ def calibrate_eos(model, system, config, data, target: float) -> float:
   random model stop near `target` tokens; returns the scale."""
   import torch
   head = model.lm_head.weight
-  original = head.data[1].clone()
-  flat = system.llm_params
+  if not hasattr(model, 'pristine_eos_row'):  # each task calibrates from the untouched weights
+    model.pristine_eos_row = head.data[1].clone()
+    model.pristine_params = system.llm_params
+  original, flat = model.pristine_eos_row, model.pristine_params
   best, best_gap = 1.0, float('inf')
   sample = batches(data[:B], lambda rows: (MAX_IN, MAX_TGT))[0]
   settings = generation.GenerationSettings(num_beams=1, max_new_tokens=MAX_TGT,

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ tokenizer, whose token counts are plain: one token per UTF-8 byte plus the closi
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -227,7 +226,7 @@ def test_pplug_with_retrieval_records_hold_the_lamp_prompt(tmp_path, minilm_path
   for q in questions:
     top = rank_profile(2, q['input'], q['profile'], 'bm25', 1)
     prompt = rag_prompt(2, q['input'], top, byte_tok, config.data.max_input_length)
-    assert prompt.startswith(f'the tag for the movie: "') and f'is "{top[0]["tag"]}"' in prompt
+    assert prompt.startswith('the tag for the movie: "') and f'is "{top[0]["tag"]}"' in prompt
     want = byte_tok(prompt, truncation=True, max_length=config.data.max_input_length)['input_ids']
     assert list(recs[q['id']]['input_ids']) == want
   config.plug.retrieval = ''  # the plain-input records are other records

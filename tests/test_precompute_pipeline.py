@@ -4,6 +4,7 @@ import itertools
 import os
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,10 +17,10 @@ from pplug_jax.models import bert, hf_weights
 USERS = {'train': 24, 'dev': 11, 'test': 7}
 
 
-def _config(tmp, minilm_path, records_name='rec', **data):
+def _config(tmp, minilm_path, **data):
   c = lamp_config.get_config('demo')
   c.data.lamp_dir = str(tmp / 'lamp')
-  c.data.records_dir = str(tmp / records_name)
+  c.data.records_dir = str(tmp / 'rec')
   c.encoder.path = str(minilm_path)
   c.data.num_shards = 3
   c.data.max_history = 40
@@ -35,7 +36,17 @@ def prepared(tmp_path_factory, minilm_path):
                      long_frac=0.0, mean_items=8)
   config = _config(tmp, minilm_path)
   meta = precompute.run(config)
-  return tmp, config, meta
+  # frozen: a test that needs other settings changes a copy (_changed), never the shared one
+  return tmp, ml_collections.FrozenConfigDict(config), meta
+
+
+def _changed(config, **changes):
+  """A mutable copy of a (frozen) config with `section.key` changes, e.g. data__max_history."""
+  out = config.as_configdict()
+  for key, value in changes.items():
+    section, name = key.split('__')
+    out[section][name] = value
+  return out
 
 
 def _records(config, split):
@@ -121,8 +132,8 @@ def test_augmentation_keeps_items_and_is_deterministic():
 
 
 def test_training_batches_deterministic_augmented_and_resumable(prepared):
-  _, config, _ = prepared
-  config.data.augment_copies = 3
+  _, frozen, _ = prepared
+  config = _changed(frozen, data__augment_copies=3)
   total = pipeline.num_train_examples(config, config.data.records_dir)
   n = total * config.optim.epochs // 4  # the data repeats endlessly; training stops on steps
   run = lambda skip=0: list(itertools.islice(
@@ -132,9 +143,19 @@ def test_training_batches_deterministic_augmented_and_resumable(prepared):
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x['history'], y['history'])
     np.testing.assert_array_equal(x['id'], y['id'])
-  # each user appears with its copies; a copy never has an empty history when the original had > 2
-  lengths = [int(m) for batch in a for m in batch['history_mask'].sum(1)]
-  assert min(lengths) >= 0 and len(lengths) == 4 * len(a)
+  # a copy never has an empty history, and keeps at least half of it (augment_max_drop 0.5);
+  # a history of at most 2 items is never cut
+  original = {i: int(r['history_length']) for i, r in _records(config, 'train').items()}
+  cut = 0
+  for batch in a:
+    for eid, kept in zip(batch['id'], batch['history_mask'].sum(1)):
+      full = min(original[eid.decode()], config.data.max_history)
+      if full <= 2:
+        assert kept == full
+      else:
+        assert full - full // 2 <= kept <= full
+        cut += kept < full
+  assert cut > 0  # copies that dropped items were seen
   resumed = run(skip=2)
   assert len(resumed) == len(a) - 2
   np.testing.assert_array_equal(resumed[0]['history'], a[2]['history'])
@@ -142,7 +163,7 @@ def test_training_batches_deterministic_augmented_and_resumable(prepared):
 
 def test_interrupted_precompute_resumes(tmp_path, prepared, minilm_path):
   src_tmp, full_config, _ = prepared
-  config = _config(src_tmp, minilm_path, records_name=f'rec_resume_{os.getpid()}')
+  config = _config(src_tmp, minilm_path)
   config.data.records_dir = str(tmp_path / 'rec')
   precompute.run(config, stop_after_shards=2)
   done = records.split_shards(config.data.records_dir, 'train')
@@ -160,8 +181,7 @@ def test_interrupted_precompute_resumes(tmp_path, prepared, minilm_path):
 
 
 def test_refuses_records_of_another_encoder_setting(prepared, minilm_path):
-  _, config, _ = prepared
-  config.encoder.pooling = 'cls'
+  _, frozen, _ = prepared
+  config = _changed(frozen, encoder__pooling='cls')
   with pytest.raises(ValueError, match='pooling'):
     precompute.run(config)
-  config.encoder.pooling = 'mean'

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from ml_collections import config_flags
 
 from pplug_jax import cli, fileio, partitioning, tokenizers
 from pplug_jax.baselines import runner, trainer, utility
@@ -166,19 +165,11 @@ def train(config, workdir: str, objective: str, mesh: jax.sharding.Mesh | None =
 
 def main(argv):
   del argv
-  f = flags.FLAGS
-  partitioning.maybe_initialize_distributed()
-  config = f.config
-  if config.demo:
-    from pplug_jax import demo
-    demo.prepare(config, f.workdir)
-  print(train(config, f.workdir, f.objective))
+  print(train(cli.job_config(), flags.FLAGS.workdir, flags.FLAGS.objective))
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Reads WORKDIR/ropg/utility_train.jsonl; writes '
-                      'WORKDIR/ropg/<objective>/.')
+  cli.define_config_and_workdir('Reads WORKDIR/ropg/utility_train.jsonl; writes '
+                                'WORKDIR/ropg/<objective>/.')
   flags.DEFINE_enum('objective', 'kd', list(OBJECTIVES), 'kd (distillation) or rl (REINFORCE).')
-  flags.mark_flags_as_required(['config', 'workdir'])
   cli.run(main)

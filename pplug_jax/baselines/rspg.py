@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 from flax import linen as nn
-from ml_collections import config_flags
 
 from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning, tokenizers
 from pplug_jax.baselines import runner, trainer
@@ -208,21 +207,14 @@ def predict(config, workdir: str, kind: str, split: str, model: Selector, params
 
 def main(argv):
   del argv
-  f = flags.FLAGS
-  partitioning.maybe_initialize_distributed()
-  config = f.config
-  if config.demo:
-    from pplug_jax import demo
-    demo.prepare(config, f.workdir)
   import json
-  print(json.dumps(run(config, f.workdir, f.kind, f.split), indent=1))
+  f = flags.FLAGS
+  print(json.dumps(run(cli.job_config(), f.workdir, f.kind, f.split), indent=1))
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Reads and writes WORKDIR/baselines/; trains in '
-                      'WORKDIR/rspg/<kind>/.')
+  cli.define_config_and_workdir('Reads and writes WORKDIR/baselines/; trains in '
+                                'WORKDIR/rspg/<kind>/.')
   flags.DEFINE_enum('kind', 'pre', list(KINDS), 'pre: from the prompt; post: prompt [SEP] output.')
   flags.DEFINE_enum('split', 'dev', ['dev', 'test'], 'Split to predict.')
-  flags.mark_flags_as_required(['config', 'workdir'])
   cli.run(main)

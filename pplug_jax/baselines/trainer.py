@@ -25,7 +25,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from pplug_jax import fileio, partitioning
-from pplug_jax.errors import ConfigError, WorkdirError
+from pplug_jax.errors import ConfigError
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
 
@@ -63,21 +63,6 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def _check_run_dir(run_dir: str, identity: dict[str, Any]) -> None:
-  """Records what this run is made from; refuses a directory made from something else."""
-  path = os.path.join(run_dir, 'run.json')
-  if os.path.exists(path):
-    old = fileio.read_json(path)
-    changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-    if changed:
-      raise WorkdirError(f'{run_dir} holds a run made with other settings or inputs (changed: '
-                         f'{", ".join(changed)}). Delete {run_dir} to train again, or use '
-                         'another --workdir.')
-  else:
-    os.makedirs(run_dir, exist_ok=True)
-    fileio.write_json(path, identity)
-
-
 def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: FitSettings,
         run_dir: str, identity: dict[str, Any], mesh: jax.sharding.Mesh,
         rules, desc: str) -> tuple[Any, list[float]]:
@@ -96,8 +81,9 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
                       f'multiple of the {mesh.shape["data"]} data-parallel devices.')
   total = steps_per_epoch * settings.epochs
   identity = dict(identity, settings=dataclasses.asdict(settings), examples=n)
-  if jax.process_index() == 0:
-    _check_run_dir(run_dir, identity)
+  fileio.record_or_check(os.path.join(run_dir, 'run.json'), identity, 'its checkpoints',
+                         f'Delete {run_dir} to train again, or use another --workdir.',
+                         write=jax.process_index() == 0)
   partitioning.sync(f'{desc} run dir')
   tx = optimizer(settings, total)
   replicated = partitioning.replicated(mesh)

@@ -28,14 +28,13 @@ from typing import Any
 
 import jax
 from absl import flags, logging
-from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning
 from pplug_jax.baselines import runner
 from pplug_jax.baselines.prompts import rag_prompt
 from pplug_jax.baselines.retrieval import rank_profile
-from pplug_jax.errors import ConfigError, WorkdirError
+from pplug_jax.errors import ConfigError
 
 INITIAL_RANKERS = ('bm25', 'contriever', 'recency', 'file')
 
@@ -89,19 +88,6 @@ def read_done(path: str) -> list[dict]:
   return done
 
 
-def _check_settings(meta_file: str, current: dict[str, Any]) -> None:
-  if os.path.exists(meta_file):
-    old = fileio.read_json(meta_file)
-    changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
-    if changed:
-      raise WorkdirError(f'{meta_file}: these utility scores were made with other settings or '
-                         f'inputs (changed: {", ".join(changed)}). Delete it and the .jsonl '
-                         'beside it to score again, or use another --workdir.')
-  elif jax.process_index() == 0:
-    os.makedirs(os.path.dirname(meta_file), exist_ok=True)
-    fileio.write_json(meta_file, current)
-
-
 def score(config, workdir: str, split: str = 'train',
           generator: runner.BaselineGenerator | None = None, encoder: Any = None,
           stop_after_chunks: int | None = None) -> str:
@@ -114,7 +100,9 @@ def score(config, workdir: str, split: str = 'train',
   qfile, questions, examples = runner.raw_questions(config, split)
   runner.check_fields(config.task, qfile, questions, 'recency')  # ROPG's corpus has the date
   out_file, meta_file = paths(workdir, split)
-  _check_settings(meta_file, settings(config, split, qfile))
+  fileio.record_or_check(meta_file, settings(config, split, qfile), 'these utility scores',
+                         'Delete it and the .jsonl beside it to score again, or use another '
+                         '--workdir.', write=jax.process_index() == 0)
   partitioning.sync('utility settings')
   done = {d['id'] for d in read_done(out_file)}
   todo = [q for q in questions if q['id'] not in done]
@@ -157,18 +145,10 @@ def score(config, workdir: str, split: str = 'train',
 
 def main(argv):
   del argv
-  f = flags.FLAGS
-  partitioning.maybe_initialize_distributed()
-  config = f.config
-  if config.demo:
-    from pplug_jax import demo
-    demo.prepare(config, f.workdir)
-  print(score(config, f.workdir, f.split))
+  print(score(cli.job_config(), flags.FLAGS.workdir, flags.FLAGS.split))
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Scores go to WORKDIR/ropg/utility_<split>.jsonl.')
+  cli.define_config_and_workdir('Scores go to WORKDIR/ropg/utility_<split>.jsonl.')
   flags.DEFINE_enum('split', 'train', ['train', 'dev'], 'Split to score.')
-  flags.mark_flags_as_required(['config', 'workdir'])
   cli.run(main)

@@ -54,6 +54,15 @@ class Buckets:
     return self.assign(li.ravel(), lt.ravel()).reshape(li.shape).astype(np.int32)
 
 
+def pad_size(n: int, cap: int, minimum: int = 8) -> int:
+  """The padded size of a dynamic dimension (a text's tokens, a batch's rows, a history): the
+  next power of two >= max(n, minimum), at most `cap`. Few distinct sizes, few compiles."""
+  size = minimum
+  while size < n:
+    size *= 2
+  return max(1, min(size, cap))
+
+
 def _bounds(lengths: np.ndarray, maximum: int, quantiles: Sequence[float], multiple: int,
             given: Sequence[int]) -> list[int]:
   if given:

@@ -144,9 +144,9 @@ def _str_field(obj: dict, key: str, where: str) -> str:
   return str(obj[key])
 
 
-def parse_questions(path: str, spec: TaskSpec, data: Any | None = None) -> list[Example]:
+def parse_questions(path: str, spec: TaskSpec) -> list[Example]:
   """Parses and validates a `*_questions.json` (outputs are attached separately)."""
-  data = _load_json(path) if data is None else data
+  data = _load_json(path)
   if not isinstance(data, list):
     raise LampError(f'{path}: expected a JSON list of questions, got {type(data).__name__}.')
   examples, seen = [], set()

@@ -161,11 +161,11 @@ def _numpy(ds: tf.data.Dataset, files: list[str]) -> Iterator[Any]:
 def _parsed(files: list[str], meta: dict[str, Any], bucket_of: Any = None,
             index: int = 0) -> tf.data.Dataset:
   """Parsed examples of `files`; with `bucket_of`, only those of bucket `index`."""
-  fp = meta['fingerprint']
+  fingerprint = meta['fingerprint']
   ds = tf.data.TFRecordDataset(files)
   if bucket_of is not None:
     ds = ds.filter(lambda s: bucket_of(s) == index)
-  return ds.map(records.parse_fn(fp['dim'], fp['embedding_dtype']),
+  return ds.map(records.parse_fn(fingerprint['dim'], fingerprint['embedding_dtype']),
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -214,8 +214,8 @@ def train_buckets(config, records_dir: str, streams: int,
 
 def num_streams(config, process_count: int | None = None) -> int:
   """How many data streams make a global batch: config.data.num_streams, 0 = one per process."""
-  pc = jax.process_count() if process_count is None else process_count
-  return int(config.data.num_streams) or pc
+  num_processes = jax.process_count() if process_count is None else process_count
+  return int(config.data.num_streams) or num_processes
 
 
 def train_batches(config, records_dir: str, local_batch_size: int, skip_batches: int = 0,
@@ -233,14 +233,14 @@ def train_batches(config, records_dir: str, local_batch_size: int, skip_batches:
   each micro-batch takes its share of every stream, as it would across processes.
   """
   meta = records.read_metadata(records_dir)
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  streams = num_streams(config, pc)
-  per_process = streams // pc
-  if streams % pc or local_batch_size % per_process:
-    raise ConfigError(f'config.data.num_streams={streams}: must be a multiple of the {pc} '
-                      f'processes, and each process\'s batch ({local_batch_size}) a multiple of '
-                      f'its {per_process} streams.')
+  this_process = jax.process_index() if process_index is None else process_index
+  num_processes = jax.process_count() if process_count is None else process_count
+  streams = num_streams(config, num_processes)
+  per_process = streams // num_processes
+  if streams % num_processes or local_batch_size % per_process:
+    raise ConfigError(f'config.data.num_streams={streams}: must be a multiple of the '
+                      f'{num_processes} processes, and each process\'s batch '
+                      f'({local_batch_size}) a multiple of its {per_process} streams.')
   files = records.split_shards(records_dir, split)
   if len(files) < streams:
     raise RecordsError(f'{records_dir}: {len(files)} {split} shard files for {streams} data '
@@ -249,7 +249,7 @@ def train_batches(config, records_dir: str, local_batch_size: int, skip_batches:
   plan = plan or train_buckets(config, records_dir, streams, split)
   mine = [_stream(config, meta, files[s::streams], config.seed + s,
                   local_batch_size // per_process, skip_batches, plan)
-          for s in range(pi * per_process, (pi + 1) * per_process)]
+          for s in range(this_process * per_process, (this_process + 1) * per_process)]
   if len(mine) == 1:
     yield from mine[0]
     return
@@ -320,19 +320,19 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
                  process_count: int | None = None) -> tuple[int, Iterator[Batch]]:
   """(number of batches, iterator): each example once, every process the same batch count."""
   meta = records.read_metadata(records_dir)
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
+  this_process = jax.process_index() if process_index is None else process_index
+  num_processes = jax.process_count() if process_count is None else process_count
   files = records.split_shards(records_dir, split)
   if len(files) != len(meta['splits'][split]['shard_counts']):
     raise RecordsError(f'{records_dir}: {split} has {len(files)} finished shards of '
                        f'{len(meta["splits"][split]["shard_counts"])}; rerun precompute.')
-  mine = _process_files(files, pi, pc, records_dir)
+  mine = _process_files(files, this_process, num_processes, records_dir)
   if config.data.bucketing == 'off':
     buckets = buckets_lib.candidates(config, np.zeros((0, 3), int))
     counts = meta['splits'][split]['shard_counts']
-    per_bucket = np.array([[sum(counts[p::pc])] for p in range(pc)])
+    per_bucket = np.array([[sum(counts[p::num_processes])] for p in range(num_processes)])
   else:
-    lengths = [split_lengths(files[p::pc]) for p in range(pc)]
+    lengths = [split_lengths(files[p::num_processes]) for p in range(num_processes)]
     buckets = buckets_lib.candidates(config, np.concatenate(lengths))
     per_bucket = np.stack([np.bincount(buckets.assign(*buckets_lib.clip(config, x)),
                                        minlength=len(buckets.shapes)) for x in lengths])
@@ -352,21 +352,25 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
     blank['id'] = tf.constant(b'')
     blank['target_text'] = tf.constant(b'')
     blank['history_item_ids'] = tf.fill([config.data.max_history], b'')
-    filler = batches[j] * local_batch_size - int(per_bucket[pi, j])
+    filler = batches[j] * local_batch_size - int(per_bucket[this_process, j])
     part = part.concatenate(tf.data.Dataset.from_tensors(blank).repeat(filler))
     part = part.batch(local_batch_size, drop_remainder=True)
     ds = part if ds is None else ds.concatenate(part)
   return sum(batches), _numpy(ds.prefetch(config.data.prefetch), mine)
 
 
-def to_global(batch: Batch, mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Array]:
-  """Process-local numpy batch -> global jax.Arrays sharded on the batch axis (ids dropped)."""
+def to_global(batch: Batch, mesh: jax.sharding.Mesh, rules,
+              leading: int = 0) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global jax.Arrays sharded on the batch axis (ids dropped).
+
+  `leading=1`: arrays are [accum, batch, ...] micro-batches (the train step's input).
+  """
   from pplug_jax import partitioning
   out = {}
   for k, v in batch.items():
     if v.dtype.kind in 'SUO':
       continue
-    sharding = partitioning.batch_sharding(mesh, rules, v.ndim)
+    sharding = partitioning.batch_sharding(mesh, rules, v.ndim, leading)
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
 

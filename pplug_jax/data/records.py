@@ -14,6 +14,9 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
+from pplug_jax import fileio
+from pplug_jax.errors import ConfigError
+
 METADATA = 'metadata.json'
 
 
@@ -81,6 +84,15 @@ def parse_fn(dim: int, embedding_dtype: str):
   return parse
 
 
+def records_dir(config, workdir: str = '') -> str:
+  """Where a run's records are: config.data.records_dir, else <workdir>/records."""
+  if config.data.records_dir:
+    return config.data.records_dir
+  if not workdir:
+    raise ConfigError('config.data.records_dir is empty and no --workdir was given.')
+  return os.path.join(workdir, 'records')
+
+
 def shard_path(out_dir: str, split: str, shard: int, num_shards: int) -> str:
   return os.path.join(out_dir, f'{split}.tfrecord-{shard:05d}-of-{num_shards:05d}')
 
@@ -101,7 +113,4 @@ def read_metadata(records_dir: str) -> dict[str, Any]:
 
 
 def write_metadata(records_dir: str, meta: dict[str, Any]) -> None:
-  tmp = os.path.join(records_dir, METADATA + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(records_dir, METADATA))
+  fileio.write_json(os.path.join(records_dir, METADATA), meta)

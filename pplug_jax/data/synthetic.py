@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
+from pplug_jax import fileio
 from pplug_jax.data import lamp
 
 GENRE_WORDS = {
@@ -171,16 +172,14 @@ def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
       counts[prefs[pref]] += 1
     lamp.write_split(root, split, task, questions, None if split == 'test' else outputs)
     if split == 'test':  # keep the hidden answers next to, not inside, the LaMP files
-      with open(os.path.join(root, 'test_hidden_outputs.json'), 'w') as f:
-        json.dump({'task': task, 'golds': [{'id': k, 'output': v} for k, v in outputs.items()]},
-                  f)
+      fileio.write_json(os.path.join(root, 'test_hidden_outputs.json'), {
+          'task': task, 'golds': [{'id': k, 'output': v} for k, v in outputs.items()]}, None)
     sizes = [len(q['profile']) for q in questions]
     info['splits'][split] = {
         'users': n, 'empty_profiles': sum(s == 0 for s in sizes),
         'profiles_over_512': sum(s > 512 for s in sizes), 'profile_items': int(sum(sizes)),
         'majority_share': max(counts.values()) / n if n else 0.0}
-  with open(os.path.join(root, 'synthetic_info.json'), 'w') as f:
-    json.dump(info, f, indent=1)
+  fileio.write_json(os.path.join(root, 'synthetic_info.json'), info)
   return info
 
 

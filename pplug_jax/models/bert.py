@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from pplug_jax.models.layers import (NEG_INF, Dense, Embed, constrain, dropout,
                                      multihead_attention, param)
-from pplug_jax.models.t5 import as_dtype
+from pplug_jax.models.numerics import ACTIVATIONS, as_dtype
 
 POOLINGS = ('cls', 'mean')
 
@@ -38,7 +38,7 @@ class BertConfig:
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> 'BertConfig':
     """Builds the config from a Hugging Face BERT `config.json` dict."""
-    if hf.get('hidden_act', 'gelu') not in ('gelu', 'gelu_new', 'relu'):
+    if hf.get('hidden_act', 'gelu') not in ACTIVATIONS:
       raise ValueError(f"Unsupported BERT hidden_act {hf['hidden_act']!r}.")
     kw = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
     kw.pop('dtype', None)
@@ -49,10 +49,6 @@ class BertConfig:
     if kw.get('pooling', 'cls') not in POOLINGS:
       raise ValueError(f"pooling={kw['pooling']!r} is not one of {POOLINGS}.")
     return cls(**kw)
-
-
-_ACT = {'gelu': functools.partial(jax.nn.gelu, approximate=False),
-        'gelu_new': functools.partial(jax.nn.gelu, approximate=True), 'relu': jax.nn.relu}
 
 
 class LayerNorm(nn.Module):
@@ -82,18 +78,20 @@ class BertLayer(nn.Module):
     c = self.config
     h, d = c.num_attention_heads, c.hidden_size // c.num_attention_heads
     dense = functools.partial(Dense, use_bias=True, dtype=c.dtype, param_dtype=c.param_dtype)
-    ln = functools.partial(LayerNorm, c.layer_norm_eps, c.dtype, c.param_dtype)
+    ln = functools.partial(LayerNorm, epsilon=c.layer_norm_eps, dtype=c.dtype,
+                           param_dtype=c.param_dtype)
     heads = lambda t: t.reshape(*t.shape[:-1], h, d)
-    q = heads(dense(c.hidden_size, ('embed', 'joined_kv'), name='query')(x))
-    k = heads(dense(c.hidden_size, ('embed', 'joined_kv'), name='key')(x))
-    v = heads(dense(c.hidden_size, ('embed', 'joined_kv'), name='value')(x))
+    q = heads(dense(c.hidden_size, kernel_axes=('embed', 'joined_kv'), name='query')(x))
+    k = heads(dense(c.hidden_size, kernel_axes=('embed', 'joined_kv'), name='key')(x))
+    v = heads(dense(c.hidden_size, kernel_axes=('embed', 'joined_kv'), name='value')(x))
     att = multihead_attention(q, k, v, bias, scale=d**-0.5,
                               weights_dropout=lambda w: dropout(self, w, c.dropout_rate))
-    att = dense(c.hidden_size, ('joined_kv', 'embed'), name='attention_out')(
+    att = dense(c.hidden_size, kernel_axes=('joined_kv', 'embed'), name='attention_out')(
         att.reshape(*att.shape[:-2], -1))
     x = ln(name='attention_norm')(x + dropout(self, att, c.dropout_rate))
-    m = _ACT[c.hidden_act](dense(c.intermediate_size, ('embed', 'mlp'), name='wi')(x))
-    m = dense(c.hidden_size, ('mlp', 'embed'), name='wo')(m)
+    m = dense(c.intermediate_size, kernel_axes=('embed', 'mlp'), name='wi')(x)
+    m = ACTIVATIONS[c.hidden_act](m)
+    m = dense(c.hidden_size, kernel_axes=('mlp', 'embed'), name='wo')(m)
     return constrain(ln(name='mlp_norm')(x + dropout(self, m, c.dropout_rate)),
                      ('batch', 'length', 'embed'))
 
@@ -116,7 +114,8 @@ class Bert(nn.Module):
              name='position_embeddings')(pos) +
          emb(c.type_vocab_size, axes=('token_type', 'embed'),
              name='token_type_embeddings')(token_type_ids))
-    x = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name='embeddings_norm')(x)
+    x = LayerNorm(epsilon=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                  name='embeddings_norm')(x)
     x = constrain(dropout(self, x, c.dropout_rate), ('batch', 'length', 'embed'))
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF)
     for i in range(c.num_hidden_layers):

@@ -8,6 +8,7 @@ which the `safetensors` numpy backend cannot do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -19,13 +20,19 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from pplug_jax import fileio
 from pplug_jax.errors import UserError
-
 from pplug_jax.models import bert as bert_lib
 from pplug_jax.models import t5 as t5_lib
 
 Params = dict[str, Any]
-Transform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """How a Hugging Face tensor becomes ours: on the array, and on its shape alone (checks)."""
+  apply: Callable[[np.ndarray], np.ndarray]
+  shape: Callable[[tuple[int, ...]], tuple[int, ...]]
 
 _ST_DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -140,8 +147,8 @@ def read_hf_config(path: str) -> dict[str, Any]:
     raise CheckpointError(f'{file}: malformed JSON ({e}). Re-download it.') from None
 
 
-_T = lambda a: a.T  # torch Linear (out, in) -> Flax kernel (in, out)
-_I = lambda a: a
+_T = Transform(lambda a: a.T, lambda s: tuple(reversed(s)))  # torch (out, in) -> Flax (in, out)
+_I = Transform(lambda a: a, tuple)
 
 
 def _t5_mapping(c: t5_lib.T5Config) -> dict[tuple[str, ...], tuple[str, Transform]]:
@@ -181,7 +188,8 @@ _T5_IGNORED = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight',
                'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight')
 
 
-def _bert_mapping(c: bert_lib.BertConfig, prefix: str) -> dict[tuple[str, ...], tuple[str, Transform]]:
+def _bert_mapping(c: bert_lib.BertConfig,
+                  prefix: str) -> dict[tuple[str, ...], tuple[str, Transform]]:
   p = prefix
   m = {
       ('word_embeddings', 'embedding'): (f'{p}embeddings.word_embeddings.weight', _I),
@@ -253,7 +261,7 @@ def load_mapped(ckpt: SafetensorsDir, mapping: dict[tuple[str, ...], list[tuple[
       if key not in ckpt:
         missing.append(key)
       elif want is not None:
-        got = tuple(fn(np.empty(ckpt.shape(key), np.bool_)).shape)
+        got = fn.shape(tuple(ckpt.shape(key)))
         per_layer = want[1:] if _is_scanned(path) else want
         if got != per_layer:
           bad_shape.append(f'{key}: {ckpt.shape(key)} in the file, which maps to {got} for '
@@ -271,10 +279,10 @@ def load_mapped(ckpt: SafetensorsDir, mapping: dict[tuple[str, ...], list[tuple[
   for path in flat_expected:
     entries = mapping[path]
     if _is_scanned(path):  # stack the per-layer tensors (one parameter's worth of host memory)
-      host = np.stack([fn(ckpt.get(k)) for k, fn in entries])
+      host = np.stack([fn.apply(ckpt.get(k)) for k, fn in entries])
     else:
       key, fn = entries[0]
-      host = fn(ckpt.get(key))
+      host = fn.apply(ckpt.get(key))
     flat_out[path] = _place(host, dtype, flat_shardings.get(path))
   return traverse_util.unflatten_dict(flat_out)
 
@@ -370,7 +378,7 @@ def save_t5(path: str, config: t5_lib.T5Config, params: Params) -> None:
   flat = traverse_util.flatten_dict(params)
   tensors = {}
   for ours, (theirs, fn) in _t5_mapping(config).items():
-    tensors[theirs] = np.ascontiguousarray(fn(np.asarray(flat[ours], np.float32)))
+    tensors[theirs] = np.ascontiguousarray(fn.apply(np.asarray(flat[ours], np.float32)))
   save_file(tensors, os.path.join(path, 'model.safetensors'))
   hf = dict(model_type='t5', architectures=['T5ForConditionalGeneration'],
             vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
@@ -385,16 +393,12 @@ def save_t5(path: str, config: t5_lib.T5Config, params: Params) -> None:
             scale_decoder_outputs=config.scale_decoder_outputs,
             pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
             decoder_start_token_id=config.decoder_start_token_id, dropout_rate=0.0)
-  with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump(hf, f, indent=1)
+  fileio.write_json(os.path.join(path, 'config.json'), hf)
 
 
-def embedding_norm_mean(path: str) -> float:
-  """Mean L2 norm of the token-embedding rows of a T5 directory, read from disk alone."""
-  table = SafetensorsDir(path).get('shared.weight')
-  norms = [np.linalg.norm(np.asarray(table[i:i + 4096], np.float32), axis=-1)
-           for i in range(0, table.shape[0], 4096)]
-  return float(np.concatenate(norms).mean())
+def embedding_table(path: str) -> np.ndarray:
+  """The [vocab, d] token-embedding table of a T5 directory, read from disk alone."""
+  return np.asarray(SafetensorsDir(path).get('shared.weight'))
 
 
 def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
@@ -434,7 +438,7 @@ def save_bert(out_dir: str, source_dir: str, config: bert_lib.BertConfig, params
   tensors = {k: np.array(ckpt.get(k), dtype=np.float32) for k in ckpt.keys()}
   flat = traverse_util.flatten_dict(params)
   for ours, (theirs, fn) in _bert_mapping(config, prefix).items():
-    tensors[theirs] = np.ascontiguousarray(fn(np.asarray(flat[ours], np.float32)))
+    tensors[theirs] = np.ascontiguousarray(fn.apply(np.asarray(flat[ours], np.float32)))
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, 'model.safetensors'))
   for name in os.listdir(source_dir):

@@ -19,7 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from pplug_jax.models.layers import NEG_INF, Dense, param
-from pplug_jax.models import t5 as t5_lib
+from pplug_jax.models import numerics, t5 as t5_lib
 
 NUM_SOFT_TOKENS = 2
 
@@ -32,8 +32,9 @@ class ProjectionMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dense = functools.partial(Dense, use_bias=True, dtype=self.dtype, param_dtype=jnp.float32)
-    h = jax.nn.gelu(dense(self.features, ('plug_in', 'embed'), name='fc1')(x), approximate=False)
-    return dense(self.features, ('embed', 'embed_out'), name='fc2')(h)
+    h = dense(self.features, kernel_axes=('plug_in', 'embed'), name='fc1')(x)
+    h = jax.nn.gelu(h, approximate=False)
+    return dense(self.features, kernel_axes=('embed', 'embed_out'), name='fc2')(h)
 
 
 class PersonaPlug(nn.Module):
@@ -63,17 +64,28 @@ class PersonaPlug(nn.Module):
     return soft, weights
 
 
-def make_plug(config, encoder_dim: int, llm_config: t5_lib.T5Config) -> PersonaPlug:
-  """The plug for a backbone. Unless config.plug.persona_scale is set, the scale is the mean L2
-  norm of the backbone's token-embedding rows, read in float32 from its checkpoint (about 540
-  for FlanT5-XXL, the reference's constant)."""
-  from pplug_jax.models import hf_weights
-  scale = config.plug.persona_scale
-  if scale is None or scale <= 0:
-    scale = hf_weights.embedding_norm_mean(config.llm.path)
+def persona_scale(config, embedding: Any) -> float:
+  """config.plug.persona_scale if set, else the mean L2 norm of the backbone's token-embedding
+  rows (about 540 for FlanT5-XXL, the reference's constant).
+
+  `embedding` is the [vocab, d] table: the loaded (possibly sharded) params' or one read from
+  disk; either way it is taken in `config.llm.param_dtype`, as training holds it, then summed
+  in float32, so training and export agree.
+  """
+  if config.plug.persona_scale is not None and config.plug.persona_scale > 0:
+    return float(config.plug.persona_scale)
+  dtype = numerics.as_dtype(config.llm.param_dtype)
+  norms = jax.jit(lambda t: jnp.linalg.norm(t.astype(dtype).astype(jnp.float32), axis=-1).mean())
+  return float(norms(embedding))
+
+
+def make_plug(config, encoder_dim: int, llm_config: t5_lib.T5Config,
+              embedding: Any) -> PersonaPlug:
+  """The plug for a backbone, with `persona_scale(config, embedding)`."""
+  scale = persona_scale(config, embedding)
   return PersonaPlug(encoder_dim, llm_config.d_model, float(scale),
                      float(scale) / config.plug.instruction_scale_divisor,
-                     t5_lib.as_dtype(config.plug.dtype))
+                     numerics.as_dtype(config.plug.dtype))
 
 
 def personalised_inputs(llm: t5_lib.T5, llm_params: dict, soft: jax.Array | None,

@@ -19,20 +19,9 @@ from flax import linen as nn
 
 from pplug_jax.models.layers import (NEG_INF, Dense, Embed, constrain, dropout,
                                      multihead_attention, param)
+from pplug_jax.models.numerics import ACTIVATIONS, as_dtype
 
 Cache = dict[str, jax.Array]
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
-
-def as_dtype(name_or_dtype: Any) -> Any:
-  """'bfloat16' -> jnp.bfloat16 (dtypes pass through)."""
-  if isinstance(name_or_dtype, str):
-    if name_or_dtype not in DTYPES:
-      raise ValueError(f'Unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES)}.')
-    return DTYPES[name_or_dtype]
-  return name_or_dtype
-
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -88,13 +77,6 @@ class T5Config:
       if key in kw:
         kw[key] = as_dtype(kw[key])
     return cls(**kw)
-
-
-_ACTIVATIONS = {
-    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
-    'gelu': functools.partial(jax.nn.gelu, approximate=False),
-    'relu': jax.nn.relu,
-}
 
 
 class RMSNorm(nn.Module):
@@ -158,10 +140,10 @@ class Attention(nn.Module):
     c = self.config
     inner = c.num_heads * c.d_kv
     dense = functools.partial(Dense, dtype=c.dtype, param_dtype=c.param_dtype)
-    self.query = dense(inner, ('embed', 'joined_kv'))
-    self.key = dense(inner, ('embed', 'joined_kv'))
-    self.value = dense(inner, ('embed', 'joined_kv'))
-    self.out = dense(c.d_model, ('joined_kv', 'embed'))
+    self.query = dense(inner, kernel_axes=('embed', 'joined_kv'))
+    self.key = dense(inner, kernel_axes=('embed', 'joined_kv'))
+    self.value = dense(inner, kernel_axes=('embed', 'joined_kv'))
+    self.out = dense(c.d_model, kernel_axes=('joined_kv', 'embed'))
 
   def _heads(self, x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
@@ -188,14 +170,20 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     dense = functools.partial(Dense, dtype=c.dtype, param_dtype=c.param_dtype)
-    act = _ACTIVATIONS[c.activation]
+    act = ACTIVATIONS[c.activation]
     if c.gated:
-      h = act(dense(c.d_ff, ('embed', 'mlp'), name='wi_0')(x)) * dense(
+      h = act(dense(c.d_ff, kernel_axes=('embed', 'mlp'), name='wi_0')(x)) * dense(
           c.d_ff, ('embed', 'mlp'), name='wi_1')(x)
     else:
-      h = act(dense(c.d_ff, ('embed', 'mlp'), name='wi')(x))
+      h = act(dense(c.d_ff, kernel_axes=('embed', 'mlp'), name='wi')(x))
     h = constrain(dropout(self, h, c.dropout_rate), ('batch', 'length', 'mlp'))
-    return dense(c.d_model, ('mlp', 'embed'), name='wo')(h)
+    return dense(c.d_model, kernel_axes=('mlp', 'embed'), name='wo')(h)
+
+
+def _norm(c: T5Config):
+  """The RMSNorm of a layer, for the config's epsilon and dtypes (name it when calling)."""
+  return functools.partial(RMSNorm, epsilon=c.layer_norm_epsilon, dtype=c.dtype,
+                           param_dtype=c.param_dtype)
 
 
 class EncoderLayer(nn.Module):
@@ -205,7 +193,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
     c = self.config
-    norm = functools.partial(RMSNorm, c.layer_norm_epsilon, c.dtype, c.param_dtype)
+    norm = _norm(c)
     h = norm(name='pre_attention_layer_norm')(x)
     attn = Attention(c, name='attention')
     k, v = attn.project_kv(h)
@@ -228,7 +216,7 @@ class DecoderLayer(nn.Module):
                self_bias: jax.Array, cross_bias: jax.Array,
                decode_index: jax.Array | None) -> tuple[jax.Array, Cache | None]:
     c = self.config
-    norm = functools.partial(RMSNorm, c.layer_norm_epsilon, c.dtype, c.param_dtype)
+    norm = _norm(c)
     h = norm(name='pre_self_attention_layer_norm')(x)
     attn = Attention(c, name='self_attention')
     k, v = attn.project_kv(h)
@@ -309,7 +297,7 @@ class Encoder(nn.Module):
     x = constrain(x, ('batch', 'length', 'embed'))
     stack = _layer_stack(c, EncoderLayer, c.num_encoder_layers, (nn.broadcast,))
     x, _ = stack(x, bias)
-    x = RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name='encoder_norm')(x)
+    x = _norm(c)(name='encoder_norm')(x)
     return constrain(dropout(self, x, c.dropout_rate), ('batch', 'length', 'embed'))
 
 
@@ -338,14 +326,14 @@ class Decoder(nn.Module):
     stack = _layer_stack(c, DecoderLayer, c.num_decoder_layers,
                          (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
     x, new_cache = stack(x, cache, encoded, self_bias, cross_bias, decode_index)
-    x = RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name='decoder_norm')(x)
+    x = _norm(c)(name='decoder_norm')(x)
     x = dropout(self, x, c.dropout_rate)
     if c.scale_decoder_outputs:
       x = x * (c.d_model**-0.5)
     if c.tie_word_embeddings:
       logits = self.shared_embedding.attend(x)
     else:
-      logits = Dense(c.vocab_size, ('embed', 'vocab'), dtype=c.dtype,
+      logits = Dense(c.vocab_size, kernel_axes=('embed', 'vocab'), dtype=c.dtype,
                      param_dtype=c.param_dtype, name='logits_dense')(x)
     logits = logits.astype(jnp.float32)
     if c.vocab_limit:  # as after resize_token_embeddings(vocab_limit): those ids do not exist

@@ -10,12 +10,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pplug_jax import tokenizers
+from pplug_jax.data import buckets
 from pplug_jax.models import bert, hf_weights
-from pplug_jax.models.t5 import as_dtype
-
-
-def _bucket(n: int, max_length: int, multiple: int = 16) -> int:
-  return min(max_length, max(multiple, -(-n // multiple) * multiple))
+from pplug_jax.models.numerics import as_dtype
 
 
 class TextEncoder:
@@ -51,10 +48,10 @@ class TextEncoder:
     pad = self.tokenizer.pad_token_id or 0
     for start in range(0, len(order), self.batch_size):
       rows = order[start:start + self.batch_size]
-      length = _bucket(max(len(ids[r]) for r in rows), max_length)
-      # Rows padded to a power of two (at least 8): a short call (one profile) stays cheap,
-      # and the compiles stay few (log2(batch_size) - 2 per length bucket).
-      num_rows = min(self.batch_size, max(8, 1 << (len(rows) - 1).bit_length()))
+      # Tokens and rows padded to powers of two: a short call (one profile) stays cheap and
+      # the compiles stay few.
+      length = buckets.pad_size(max(len(ids[r]) for r in rows), max_length, minimum=16)
+      num_rows = buckets.pad_size(len(rows), self.batch_size)
       batch = np.full((num_rows, length), pad, np.int32)
       mask = np.zeros((num_rows, length), np.int32)
       for j, r in enumerate(rows):

@@ -36,10 +36,10 @@ def one_step(path, mesh_shape, devices):
   tx, _ = system_lib.build_optimizer(config, 4)
   params = system.init_trainable(0)
   state = {'step': jnp.int32(1), 'params': params, 'opt_state': tx.init(params)}
-  state_sh = system_lib.replicated_like(state, mesh)
+  state_sh = partitioning.replicated_like(state, mesh)
   state = jax.device_put(state, state_sh)
   b = batch()
-  b_sh = {k: system_lib.accum_sharding(mesh, rules, v.ndim) for k, v in b.items()}
+  b_sh = {k: partitioning.batch_sharding(mesh, rules, v.ndim, leading=1) for k, v in b.items()}
   gb = {k: jax.make_array_from_process_local_data(b_sh[k], v) for k, v in b.items()}
   step = jax.jit(system_lib.make_train_step(system, tx),
                  in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, system.llm_params),
