@@ -3,7 +3,9 @@
 The runs use the real `pplug_jax.train` and `pplug_jax.evaluate` on the demo's tiny model, with
 3 record shards over 2 processes: process 0 reads two shards and process 1 one, so their data
 is deliberately uneven. `data.num_streams=2` fixes the data order, so the single-process run
-sees exactly the 2-process run's global batches.
+sees exactly the 2-process run's global batches. A target-length bucket bound of 7 bytes splits
+the demo's tags (6 letters + </s>, 'romance' 7 + </s>) into two batch shapes, which every process
+must take in the same order.
 """
 
 import glob
@@ -24,7 +26,7 @@ HARNESS = os.path.join(ROOT, 'scripts', 'local_multihost.sh')
 FLAGS = ['--config.data.num_shards=3', '--config.data.num_streams=2',
          '--config.optim.max_steps=12', '--config.train.checkpoint_every=4',
          '--config.train.eval_every=1000', '--config.train.log_every=4',
-         '--config.demo_compare=False']
+         '--config.demo_compare=False', '--config.data.target_buckets=(7,)']
 
 
 def _train_args(workdir):
@@ -74,7 +76,9 @@ def runs(demo_run, tmp_path_factory):
   tmp = tmp_path_factory.mktemp('multihost')
   straight, killed, single = (str(tmp / n) for n in ('straight', 'killed', 'single'))
   _with_demo_files(src, straight)
-  _harness(*_train_args(straight))  # also precomputes the 3 shards over both processes
+  first_run = _harness(*_train_args(straight))  # also precomputes the 3 shards over both
+  log = first_run.stdout + first_run.stderr
+  assert 'length 128 x 7 (' in log and 'length 128 x 16 (' in log, log[-3000:]  # two shapes
 
   _with_demo_files(src, killed, records_from=straight)
   victim = subprocess.Popen([HARNESS, '2', *_train_args(killed)], cwd=ROOT, env=_env(),
