@@ -40,6 +40,30 @@ def random_flan_t5_small(seed: int = 0):
   return model, path
 
 
+def reference_plug(de: int, dl: int, scale: float = 20.0):
+  """The official code's plug in PyTorch (attention pooling, two MLPs, an instruction token),
+  seeded; call it as plug(query [B, de], history [B, H, de], mask [B, H]) -> [B, 2, dl]."""
+  import torch
+  from torch import nn
+
+  class Plug(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.align_mlp = nn.Sequential(nn.Linear(de, dl), nn.GELU(), nn.Linear(dl, dl))
+      self.align_mlp_inst = nn.Sequential(nn.Linear(de, dl), nn.GELU(), nn.Linear(dl, dl))
+      self.inst_token = nn.Parameter(torch.randn(de) * de**-0.5)
+
+    def forward(self, q, h, m):
+      s = torch.einsum('bd,bhd->bh', q, h).masked_fill(m == 0, -1e9)
+      w = torch.softmax(s, -1) * m
+      p = torch.einsum('bh,bhd->bd', w, self.align_mlp(h)) * scale
+      i = self.align_mlp_inst(self.inst_token)[None].expand_as(p) * scale / 7
+      return torch.stack([i, p], 1)
+
+  torch.manual_seed(0)
+  return Plug()
+
+
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   """Measured fp32 matmul FLOP/s of this machine through XLA."""
   a = jnp.ones((n, n), jnp.float32)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import random_flan_t5_small
+from bench_common import random_flan_t5_small, reference_plug
 from configs import lamp as lamp_config
 from pplug_jax import generation, partitioning, system as system_lib
 from pplug_jax.data import buckets as buckets_lib, lamp, synthetic
@@ -153,30 +153,6 @@ def ours_eval(system, config, data) -> float:
   return time.perf_counter() - t
 
 
-class ReferencePlug:
-  """The official code's plug in PyTorch: attention pooling, two MLPs, an instruction token."""
-
-  def __init__(self, dl: int, scale: float = 20.0):
-    import torch
-    from torch import nn
-    torch.manual_seed(0)
-    self.align_mlp = nn.Sequential(nn.Linear(DE, dl), nn.GELU(), nn.Linear(dl, dl))
-    self.align_mlp_inst = nn.Sequential(nn.Linear(DE, dl), nn.GELU(), nn.Linear(dl, dl))
-    self.inst_token = nn.Parameter(torch.randn(DE) * DE**-0.5)
-    self.scale = scale
-
-  def parameters(self):
-    return [*self.align_mlp.parameters(), *self.align_mlp_inst.parameters(), self.inst_token]
-
-  def __call__(self, q, h, m):
-    import torch
-    s = torch.einsum('bd,bhd->bh', q, h).masked_fill(m == 0, -1e9)
-    w = torch.softmax(s, -1) * m
-    p = torch.einsum('bh,bhd->bd', w, self.align_mlp(h)) * self.scale
-    i = self.align_mlp_inst(self.inst_token)[None].expand_as(p) * self.scale / 7
-    return torch.stack([i, p], 1)
-
-
 def _reference_inputs(model, plug, b):
   import torch
   t = {k: torch.tensor(v) for k, v in b.items()}
@@ -189,7 +165,7 @@ def _reference_inputs(model, plug, b):
 
 def reference_train_epoch(model, data) -> float:
   import torch
-  plug = ReferencePlug(model.config.d_model)
+  plug = reference_plug(DE, model.config.d_model)
   opt = torch.optim.AdamW(plug.parameters(), lr=1e-4, weight_decay=1e-4)
   epoch = batches(data, lambda rows: (MAX_IN, MAX_TGT))  # padding='max_length'
 
@@ -212,7 +188,7 @@ def reference_train_epoch(model, data) -> float:
 
 def reference_eval(model, data) -> float:
   import torch
-  plug = ReferencePlug(model.config.d_model)
+  plug = reference_plug(DE, model.config.d_model)
   epoch = batches(data, lambda rows: (MAX_IN, MAX_TGT))
 
   def run():

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import matmul_peak_flops, random_flan_t5_small, timeit
+from bench_common import matmul_peak_flops, random_flan_t5_small, reference_plug, timeit
 from configs import lamp as lamp_config
 from pplug_jax import partitioning, system as system_lib
 
@@ -65,25 +65,7 @@ def bench_ours(path, repeats):
 
 def bench_reference(model, repeats):
   import torch
-  from torch import nn
-
-  class Plug(nn.Module):
-    def __init__(self, de, dl, scale):
-      super().__init__()
-      self.align_mlp = nn.Sequential(nn.Linear(de, dl), nn.GELU(), nn.Linear(dl, dl))
-      self.align_mlp_inst = nn.Sequential(nn.Linear(de, dl), nn.GELU(), nn.Linear(dl, dl))
-      self.inst_token = nn.Parameter(torch.randn(de) * de**-0.5)
-      self.scale = scale
-
-    def forward(self, q, h, m):
-      s = torch.einsum('bd,bhd->bh', q, h).masked_fill(m == 0, -1e9)
-      w = torch.softmax(s, -1) * m
-      p = torch.einsum('bh,bhd->bd', w, self.align_mlp(h)) * self.scale
-      i = self.align_mlp_inst(self.inst_token)[None].expand_as(p) * self.scale / 7
-      return torch.stack([i, p], 1)
-
-  torch.manual_seed(0)
-  plug = Plug(DE, 512, 20.0)
+  plug = reference_plug(DE, 512)
   opt = torch.optim.AdamW(plug.parameters(), lr=1e-4, weight_decay=1e-4)
   b = {k: torch.tensor(v) for k, v in batch_np().items()}
   b = {k: (v.long() if v.dtype == torch.int32 else v) for k, v in b.items()}
