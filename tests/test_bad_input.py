@@ -99,6 +99,12 @@ CONFIG_ROWS = [
               devices=8),
     ConfigRow('mesh vs devices', {'mesh_shape': (3, 1)},
               'config.mesh_shape=(3, 1) needs 3 devices; 8 are visible', devices=8),
+    ConfigRow('bucketing typo', {'data.bucketing': 'pad'},
+              "config.data.bucketing='pad': use one of ['auto', 'off']"),
+    ConfigRow('bucket bound 0', {'data.input_buckets': (0, 64)},
+              'config.data.input_buckets=(0, 64): must be lengths in 1..128'),
+    ConfigRow('bucket bound past the maximum', {'data.target_buckets': (200,)},
+              'config.data.target_buckets=(200,): must be lengths in 1..16'),
 ]
 
 

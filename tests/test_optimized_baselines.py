@@ -284,3 +284,33 @@ def test_rspg_picks_one_pool_output_per_query_writes_lamp_files_and_resumes(tmp_
     assert result['train']['steps'] == 48 // 8
     again = rspg.run(config, workdir, kind, 'dev')
     assert again['train']['steps'] == 0 and again['accuracy'] == result['accuracy']
+
+
+def test_bad_settings_of_the_optimised_baselines_name_their_key(tmp_path):
+  """Each is refused before any model or data is loaded, naming the config key or flag."""
+  from pplug_jax.errors import ConfigError
+  config = lamp_config.get_config('task=2,size=small')
+  config.rag.retriever_path = str(tmp_path)  # never read: the checks come first
+  cases = [
+      (lambda c: c.ropg.update(kd_form='kld'), lambda c: ropg.train(c, str(tmp_path), 'kd'),
+       "config.ropg.kd_form='kld': use one of ('kl', 'reference')"),
+      (lambda c: None, lambda c: ropg.train(c, str(tmp_path), 'ppo'),
+       "--objective='ppo': use one of ('kd', 'rl')"),
+      (lambda c: c.ropg.update(initial_ranker='dense'),
+       lambda c: utility.score(c, str(tmp_path)), "config.ropg.initial_ranker='dense'"),
+      (lambda c: c.ropg.update(candidates=0), lambda c: utility.score(c, str(tmp_path)),
+       'config.ropg.candidates=0: score at least 1 item'),
+      (lambda c: c.rspg.update(loss_form='ce'), lambda c: rspg.run(c, str(tmp_path), 'pre'),
+       "config.rspg.loss_form='ce': use one of ('kl', 'reference')"),
+      (lambda c: c.rspg.update(retrievers=('bm25', 'bm52')),
+       lambda c: rspg.run(c, str(tmp_path), 'pre'), 'config.rspg.retrievers='),
+      (lambda c: None, lambda c: rspg.run(c, str(tmp_path), 'mid'),
+       "--kind='mid': use one of ('pre', 'post')"),
+  ]
+  for change, call, message in cases:
+    c = config.copy_and_resolve_references()
+    change(c)
+    with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')
+                       .replace('[', r'\[').replace(']', r'\]')):
+      call(c)
+  assert not os.listdir(tmp_path)  # nothing written
