@@ -108,7 +108,7 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
     return {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
             'step': state['step'] + 1}, loss
 
-  losses: list[float] = []
+  losses: list[jax.Array] = []  # read back once at the end: no host sync per step
   step = int(state['step'])
   start = time.time()
   bar = tqdm(total=total, initial=step, desc=desc, unit='step', mininterval=5,
@@ -120,13 +120,14 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
     batch = {k: partitioning.global_from_host(mesh, rules, v[rows]) for k, v in data.items()}
     state, loss = train_step(state, batch)
     step += 1
-    losses.append(float(loss))
+    losses.append(loss)
     bar.update(1)
-    bar.set_postfix(loss=f'{losses[-1]:.4f}')
+    if step % 10 == 0 or step == total:
+      bar.set_postfix(loss=f'{float(loss):.4f}')
     if step % settings.checkpoint_every == 0 or step == total:
       manager.save(step, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   bar.close()
   logging.info('%s: %d steps (%d epochs of %d examples) in %.1fs', desc, total, settings.epochs,
                n, time.time() - start)
-  return jax.device_get(state['params']), losses
+  return jax.device_get(state['params']), [float(x) for x in jax.device_get(losses)]

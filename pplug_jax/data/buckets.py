@@ -80,8 +80,7 @@ def candidates(config, lengths: np.ndarray) -> Buckets:
   d = config.data
   if d.bucketing == 'off':
     return Buckets(((d.max_input_length, d.max_target_length),))
-  li = np.minimum(lengths[:, 0], d.max_input_length) if len(lengths) else lengths
-  lt = np.minimum(lengths[:, 1], d.max_target_length) if len(lengths) else lengths
+  li, lt = clip(config, lengths) if len(lengths) else (lengths, lengths)
   inputs = _bounds(li, d.max_input_length, INPUT_QUANTILES, INPUT_MULTIPLE, d.input_buckets)
   targets = _bounds(lt, d.max_target_length, TARGET_QUANTILES, TARGET_MULTIPLE,
                     d.target_buckets)

@@ -308,11 +308,8 @@ def num_train_examples(config, records_dir: str, split: str = 'train') -> int:
   files = records.split_shards(records_dir, split)
   if config.data.augment_copies <= 0:
     return meta['splits'][split]['examples']
-  lengths = _parsed(files, meta).map(lambda ex: ex['history_length'])
-  n = 0
-  for length in _numpy(lengths, files):
-    n += 1 + (config.data.augment_copies if length > 2 else 0)
-  return n
+  history = split_lengths(files)[:, 2]  # lengths alone: no embedding is decoded
+  return int(len(history) + config.data.augment_copies * (history > 2).sum())
 
 
 def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
