@@ -341,10 +341,27 @@ def format_plan(p: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def parse_mesh(value: str) -> tuple[int, ...] | None:
+  """--mesh 'data,model' (e.g. 1,8; -1 = the rest of the devices) as a shape; '' = None."""
+  if not value:
+    return None
+  try:
+    shape = tuple(int(x) for x in value.split(','))
+  except ValueError:
+    shape = ()
+  if len(shape) != 2 or not all(n > 0 or n == -1 for n in shape):
+    raise UserError(f'--mesh={value}: give two whole numbers, data,model (e.g. 1,8 or 8,1; -1 '
+                    'takes the remaining devices).')
+  return shape
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
-  mesh = tuple(int(x) for x in f.mesh.split(',')) if f.mesh else None
+  mesh = parse_mesh(f.mesh)
+  if f.json and not os.path.isdir(os.path.dirname(os.path.abspath(f.json))):
+    raise UserError(f'--json={f.json}: no folder {os.path.dirname(os.path.abspath(f.json))} to '
+                    'write the plan into; make it first or give another path.')
   result = plan(f.config, f.topology, mesh)
   print(format_plan(result), flush=True)
   if f.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -75,14 +76,30 @@ def restore_on_this_host(state_dir: str) -> Any:
   return checkpointer.restore(state_dir, target)
 
 
-def load_params(workdir: str, which: str = 'best') -> tuple[dict, int]:
-  """The trainable params (plug, and the input encoder when fine-tuned) of a checkpoint, numpy."""
-  path, step = find(workdir, which)
-  try:
-    state = restore_on_this_host(os.path.join(path, 'state'))
-  except Exception as e:  # a truncated or foreign directory
-    raise CheckpointNotFound(f'{path}: not a readable pplug_jax checkpoint ({e}). Delete it '
-                             'and resume from an earlier one.') from e
+def load_params(workdir: str, which: str = 'best', attempts: int = 5) -> tuple[dict, int]:
+  """The trainable params (plug, and the input encoder when fine-tuned) of a checkpoint, numpy.
+
+  A checkpoint a training run rotates away while it is read is not an error: the newest
+  finished one is read instead. Only one that stays in place and still cannot be read is.
+  """
+  for _ in range(attempts):
+    path, step = find(workdir, which)
+    try:
+      state = restore_on_this_host(os.path.join(path, 'state'))
+      break
+    except Exception as e:  # rotated away mid-read, or a truncated or foreign directory
+      error = e
+      if find(workdir, which)[0] != path or not os.path.isdir(path):
+        time.sleep(0.2)  # replaced by a newer one (or deleted) meanwhile: read that one
+        continue
+      raise CheckpointNotFound(
+          f'{path}: not a readable pplug_jax checkpoint ({e}). If a training run is writing '
+          'this workdir, wait for it to finish; otherwise the files were damaged: move this '
+          'step folder aside to use the one before it.') from e
+  else:
+    raise CheckpointNotFound(f'{workdir}: its checkpoints kept changing while being read '
+                             f'({error}); a training run is rotating them. Wait for it to '
+                             'finish, then try again.') from error
   if not isinstance(state, dict) or 'plug' not in state.get('params', {}):
     raise CheckpointNotFound(f'{path}: no plug params in this checkpoint.')
   return jax.tree.map(np.asarray, state['params']), step

@@ -2,17 +2,23 @@
 
 - Config flags whose errors are one line: an unknown key names the closest valid one.
 - A `UserError` (bad input, files or settings) prints its message alone and exits with status 2;
-  `--verbose` shows the traceback. Other exceptions are bugs and keep theirs.
+  `--verbose` shows the traceback first (still status 2). Other exceptions are bugs and keep
+  theirs.
+- `job`: a command that writes into --workdir checks every config value first, then holds the
+  workdir's lock for its whole life.
 - Quiet, tidy logs: orbax's per-save INFO lines stay out of the console, and log lines go
   through `tqdm.write` so they never cut a progress bar in half.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging as logging_std
+import os
 import sys
-from typing import Any, Callable
+import traceback
+from typing import Any, Callable, Iterator
 
 import jax
 from absl import app, flags, logging
@@ -52,28 +58,47 @@ def unknown_key_message(config, key: str) -> str | None:
   return None
 
 
-def _config_named_in(argv: list[str]) -> Any:
-  """The ConfigDict that `--config FILE[:ARG]` in argv names, or None if it cannot be built."""
-  import importlib.util
+def _config_value(argv: list[str]) -> str | None:
   for i, arg in enumerate(argv):
     if arg == '--config' and i + 1 < len(argv):
-      value = argv[i + 1]
-    elif arg.startswith('--config='):
-      value = arg.split('=', 1)[1]
-    else:
-      continue
-    path, _, config_arg = value.partition(':')
-    try:
-      spec = importlib.util.spec_from_file_location('_pplug_config', path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      return module.get_config(config_arg) if config_arg else module.get_config()
-    except Exception:  # the flag parser's own error says what is wrong with it
-      return None
+      return argv[i + 1]
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
   return None
 
 
+def missing_config_message(value: str) -> str | None:
+  """'--config …: no such file here …' with where the file is, or None when it exists."""
+  path = value.partition(':')[0]
+  if not path or os.path.isfile(path):
+    return None
+  ours = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+  hint = (f', e.g. --config {ours}{value[len(path):]}' if not os.path.isabs(path) and
+          os.path.isfile(ours) else '')
+  return (f'--config {value}: no file {path} in {os.getcwd()}. Run from the repository root '
+          f'(the folder holding configs/), or give the config file\'s path{hint}.')
+
+
+def _config_named_in(argv: list[str]) -> Any:
+  """The ConfigDict that `--config FILE[:ARG]` in argv names, or None if it cannot be built."""
+  import importlib.util
+  value = _config_value(argv)
+  if value is None:
+    return None
+  path, _, config_arg = value.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_pplug_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(config_arg) if config_arg else module.get_config()
+  except Exception:  # the flag parser's own error says what is wrong with it
+    return None
+
+
 def _flag_error(error: Exception, argv: list[str]) -> str:
+  value = _config_value(argv)
+  if value is not None and missing_config_message(value):
+    return missing_config_message(value)
   config = _config_named_in(argv)
   if config is not None:
     for arg in argv[1:]:
@@ -140,15 +165,30 @@ def define_config_and_workdir(workdir_help: str) -> None:
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def job_config() -> Any:
-  """--config, after joining a multi-process job; for the demo, with its files made first."""
-  from pplug_jax import partitioning
+def check_workdir(path: str | None, flag: str = '--workdir') -> None:
+  """A workdir (or output folder) flag names a folder, or nothing yet."""
+  if path and os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f'{flag}={path}: a file, not a folder. Give a folder (it is made if '
+                    'missing).')
+
+
+@contextlib.contextmanager
+def job(command: str, check: Callable[[Any], None] | None = None) -> Iterator[Any]:
+  """--config for a job that writes into --workdir: every value checked (with `check` for the
+  command's own flags) before anything is written, then the workdir locked for the job's life;
+  for the demo, its files made first, under the lock."""
+  from pplug_jax import partitioning, validation
+  from pplug_jax.workdir_lock import held
   partitioning.maybe_initialize_distributed()
-  config = flags.FLAGS.config
-  if config.demo:  # the demo's own files, never a user's
-    from pplug_jax import demo
-    demo.prepare(config, flags.FLAGS.workdir)
-  return config
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  validation.check_config(config)
+  if check is not None:
+    check(config)
+  with held(workdir, command):
+    if config.demo:  # the demo's own files, never a user's
+      from pplug_jax import demo
+      demo.prepare(config, workdir)
+    yield config
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
@@ -161,10 +201,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
     # set it; this JAX's default too, pinned so a future default cannot change results).
     jax.config.update('jax_threefry_partitionable', True)
     try:
+      if 'workdir' in flags.FLAGS:
+        check_workdir(flags.FLAGS.workdir)
       result = main(argv)
     except UserError as e:
       if flags.FLAGS.verbose:
-        raise
+        traceback.print_exc()
       fail(str(e))
     _leave_distributed()
     return result

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from pplug_jax import checkpoints, cli, fileio, generation, partitioning, system as system_lib
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
+from pplug_jax.workdir_lock import held
 
 
 def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> dict[str, Any]:
@@ -58,8 +59,9 @@ def main(argv):
   del argv
   f = flags.FLAGS
   partitioning.maybe_initialize_distributed()
-  config = f.config if f.config is not None else checkpoints.load_config(f.workdir)
-  print(json.dumps(evaluate(config, f.workdir, f.split, f.checkpoint), indent=1))
+  with held(f.workdir if os.path.isdir(f.workdir) else '', 'evaluate'):  # writes into it
+    config = f.config if f.config is not None else checkpoints.load_config(f.workdir)
+    print(json.dumps(evaluate(config, f.workdir, f.split, f.checkpoint), indent=1))
 
 
 if __name__ == '__main__':

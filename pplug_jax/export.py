@@ -1,6 +1,11 @@
 """Exports the trained plug alone (no backbone): safetensors + a JSON config.
 
     python -m pplug_jax.export --workdir DIR --out OUT [--checkpoint best] [--reference_names]
+        [--overwrite]
+
+OUT must be new, empty or an earlier export of the same run; --overwrite writes into a folder
+holding other files (left alone) or another run's export. The workdir itself and a folder
+holding a model are always refused.
 
 OUT/plug.safetensors holds the plug ('align_mlp/fc1/kernel', ..., 'inst_token'), plus
 'query_encoder/...' when the input encoder was fine-tuned (then also OUT/query_encoder/, a Hugging
@@ -25,6 +30,7 @@ from pplug_jax import checkpoints, cli, fileio, system as system_lib
 from pplug_jax.data import records
 from pplug_jax.errors import UserError
 from pplug_jax.models import bert as bert_lib, hf_weights, plug as plug_lib
+from pplug_jax.workdir_lock import held
 
 PLUG_FILE = 'plug.safetensors'
 CONFIG_FILE = 'plug_config.json'
@@ -48,9 +54,50 @@ def reference_names(plug_params: dict) -> dict[str, np.ndarray]:
   return out
 
 
+OWN_NAMES = (PLUG_FILE, CONFIG_FILE, REFERENCE_FILE, QUERY_ENCODER_DIR)
+# A Hugging Face model's files: a plug written beside them breaks that model's loading.
+MODEL_FILES = ('config.json', 'model.safetensors', 'model.safetensors.index.json',
+               'pytorch_model.bin', 'tokenizer.json', 'tokenizer_config.json', 'spiece.model')
+
+
+def check_out(workdir: str, out: str, overwrite: bool = False) -> None:
+  """Refuses an --out that is the workdir, holds a model, or holds anything but an earlier
+  export of this run (the last unless `overwrite`), before anything is read or written."""
+  real = os.path.realpath(out)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f'--out={out}: a file, not a folder. Give a new or empty folder.')
+  if real == os.path.realpath(workdir):
+    raise UserError(f'--out={out} is the workdir itself; export to a folder of its own, e.g. '
+                    f'--out={os.path.join(workdir, "plug")}.')
+  if not os.path.isdir(out):
+    return
+  names = sorted(os.listdir(out))
+  model = [n for n in names if n in MODEL_FILES or (n.endswith('.safetensors') and
+                                                    n not in OWN_NAMES)]
+  if model:
+    raise UserError(f'--out={out} holds a model ({", ".join(model)}); a plug written there '
+                    'would break its loading. Export to a folder of its own.')
+  others = [n for n in names if n not in OWN_NAMES]
+  earlier = os.path.join(out, CONFIG_FILE)
+  source = fileio.read_json(earlier).get('source_workdir') if os.path.exists(earlier) else None
+  if overwrite:
+    return
+  if others:
+    raise UserError(f'--out={out} already holds other files ({", ".join(others[:5])}'
+                    f'{", ..." if len(others) > 5 else ""}). Give a new or empty folder, or pass '
+                    '--overwrite to write the plug beside them (they are left as they are).')
+  if names and source != os.path.abspath(workdir):
+    raise UserError(f'--out={out} holds an export of another run ({source or "unknown"}). Give '
+                    'a new folder, or pass --overwrite to replace it.')
+
+
 def export(workdir: str, out: str, which: str = 'best', with_reference_names: bool = False,
-           config=None) -> dict[str, Any]:
-  """Writes the plug of a workdir's checkpoint to `out`; returns the written plug config."""
+           config=None, overwrite: bool = False) -> dict[str, Any]:
+  """Writes the plug of a workdir's checkpoint to `out`; returns the written plug config.
+
+  `out` may be new, empty or an earlier export of this run; anything else needs `overwrite`
+  (see check_out). Only the files written here get their modes set."""
+  check_out(workdir, out, overwrite)
   config = config or checkpoints.load_config(workdir)
   trainable, step = checkpoints.load_params(workdir, which)
   llm_config = hf_weights.load_t5_config(config.llm.path)
@@ -94,12 +141,17 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
                      'early_stopping': config.eval.early_stopping,
                      'max_new_tokens': config.eval.max_new_tokens},
   }
+  plug_config['source_workdir'] = os.path.abspath(workdir)  # "an earlier export of this run"
   fileio.write_json(os.path.join(out, CONFIG_FILE), plug_config)
+  written = [os.path.join(out, PLUG_FILE)]
   if with_reference_names:
     save_file(reference_names(trainable['plug']), os.path.join(out, REFERENCE_FILE))
-  for folder, _, names in os.walk(out):  # safetensors writes 0600; exports are shared
-    for name in names:
-      os.chmod(os.path.join(folder, name), 0o644)
+    written.append(os.path.join(out, REFERENCE_FILE))
+  if 'query_encoder' in trainable:  # a folder of its own, written here whole
+    written += [os.path.join(d, n) for d, _, names in os.walk(os.path.join(out, QUERY_ENCODER_DIR))
+                for n in names]
+  for path in written:  # safetensors writes 0600; exports are shared. Nothing else is touched.
+    os.chmod(path, 0o644)
   return plug_config
 
 
@@ -127,7 +179,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  cfg = export(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.reference_names)
+  cli.check_workdir(FLAGS.out, '--out')
+  with held(FLAGS.workdir if os.path.isdir(FLAGS.workdir) else '', 'export'):
+    cfg = export(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.reference_names,
+                 overwrite=FLAGS.overwrite)
   print(json.dumps(cfg, indent=1))
 
 
@@ -136,5 +191,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('out', None, 'Output directory.')
   flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
   flags.DEFINE_bool('reference_names', False, 'Also write the reference PyTorch names.')
+  flags.DEFINE_bool('overwrite', False, 'Write into an --out that holds other files or another '
+                    "run's export (a model folder and the workdir itself are always refused).")
   flags.mark_flags_as_required(['workdir', 'out'])
   cli.run(main)

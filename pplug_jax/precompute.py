@@ -11,6 +11,7 @@ or input files are refused.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
 from pplug_jax.models import hf_weights
 from pplug_jax.models.text_encoder import TextEncoder
+from pplug_jax.workdir_lock import records_lock
 
 
 
@@ -164,10 +166,21 @@ def _llm_inputs(config, split: str, examples: list[lamp.Example], llm_tok) -> li
 
 
 def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict[str, Any]:
-  """Precomputes every split found; returns the metadata. `stop_after_shards` is for tests."""
-  spec = lamp.task_spec(config.task)
+  """Precomputes every split found; returns the metadata. `stop_after_shards` is for tests.
+
+  The records folder is locked meanwhile: two runs (in two workdirs) sharing one
+  config.data.records_dir never write into it at once, and the second then finds the first's
+  records and verifies them against its own settings."""
   out_dir = records.records_dir(config, workdir)
   os.makedirs(out_dir, exist_ok=True)
+  lock = records_lock(out_dir, workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _run(config, workdir, stop_after_shards)
+
+
+def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
+  spec = lamp.task_spec(config.task)
+  out_dir = records.records_dir(config, workdir)
   root = lamp.task_dir(config.data.lamp_dir, spec.name, config.split_type)
   if not config.data.lamp_dir or not os.path.isdir(root):
     raise lamp.LampError(f'config.data.lamp_dir={config.data.lamp_dir!r}: no {root}. Download '
@@ -253,8 +266,10 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
 
 def main(argv):
   del argv
-  partitioning.maybe_initialize_distributed()
-  meta = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  from pplug_jax import validation
+  with cli.job('precompute', lambda c: validation.check_precompute_inputs(
+      c, flags.FLAGS.workdir)) as config:
+    meta = run(config, flags.FLAGS.workdir)
   logging.info('precompute done: %s', meta.get('stats'))
   print(meta.get('stats'))
 

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from pplug_jax import (checkpoints, cli, fileio, generation, partitioning, precompute,
                        system as system_lib, validation)
 from pplug_jax.data import lamp, pipeline, records
-from pplug_jax.errors import ConfigError, RecordsError
+from pplug_jax.errors import ConfigError, RecordsError, WorkdirError
 from pplug_jax.models import plug as plug_lib
-from pplug_jax.workdir_lock import WorkdirLock
+from pplug_jax.workdir_lock import WorkdirLock, records_lock
 
 
 def check_inputs(config, workdir: str) -> str:
@@ -63,21 +63,57 @@ def _records_complete(records_path: str) -> bool:
       for s, info in meta['splits'].items())
 
 
+USERS_FILE = 'used_by.json'  # in a records folder: the workdirs that train on these records
+
+
+def _users(records_path: str) -> list[str]:
+  path = os.path.join(records_path, USERS_FILE)
+  return list(fileio.read_json(path)) if os.path.exists(path) else []
+
+
+def _register_user(records_path: str, workdir: str) -> None:
+  """Notes that `workdir` trains on these records, so no other run's rebuild deletes them."""
+  users = _users(records_path)
+  if os.path.abspath(workdir) not in users:
+    fileio.write_json(os.path.join(records_path, USERS_FILE),
+                      users + [os.path.abspath(workdir)])
+
+
+def _rebuild(config, workdir: str, records_path: str, why: RecordsError) -> None:
+  """Deletes records made from other inputs (config.data.rebuild_records), unless this
+  workdir's checkpoints were trained on them or another run's workdir uses them."""
+  if checkpoints.has_checkpoint(workdir):
+    raise WorkdirError(f'config.data.rebuild_records=True: {workdir} holds checkpoints trained '
+                       f'on the records being replaced ({why}). Resuming them on new records '
+                       'would mix two runs: train in a new --workdir.') from None
+  with records_lock(records_path, workdir):
+    others = [w for w in _users(records_path)
+              if w != os.path.abspath(workdir) and os.path.isdir(w)]
+    if others:
+      raise WorkdirError(f'config.data.rebuild_records=True: {records_path} holds the records '
+                         f'the run in {others[0]} trains and evaluates on; rebuilding them would '
+                         'change its data. Set a new config.data.records_dir for this run.')
+    logging.warning('%s: records made from other inputs; deleting %d files to rebuild them '
+                    '(config.data.rebuild_records).', records_path,
+                    precompute.delete_records(records_path))
+    fileio.write_json(os.path.join(records_path, USERS_FILE), [])
+
+
 def prepare_records(config, workdir: str, records_path: str) -> dict[str, Any]:
   """Records made from exactly these inputs and settings: verified, rebuilt or made; metadata."""
   try:
     precompute.verify_records(config, records_path)
-  except RecordsError:
+  except RecordsError as e:
     if not config.data.rebuild_records:
       raise
     if partitioning.is_main_process():
-      logging.warning('%s: records made from other inputs; deleting %d files to rebuild them '
-                      '(config.data.rebuild_records).', records_path,
-                      precompute.delete_records(records_path))
+      _rebuild(config, workdir, records_path, e)
   partitioning.sync('records checked')  # every process decides on the same files
   if not _records_complete(records_path):
     logging.info('Precomputing encoder embeddings into %s', records_path)
     precompute.run(config, workdir)  # each process encodes its own shards
+  if partitioning.is_main_process():
+    _register_user(records_path, workdir)
   return records.read_metadata(records_path)
 
 

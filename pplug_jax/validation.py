@@ -13,6 +13,7 @@ from typing import Any
 import jax
 
 from pplug_jax import partitioning
+from pplug_jax.baselines.retrieval import METHODS as RETRIEVAL_METHODS
 from pplug_jax.data import buckets, lamp, records
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert, numerics, t5
@@ -20,6 +21,10 @@ from pplug_jax.models import bert, numerics, t5
 ENCODER_MODES = ('frozen', 'finetune')
 EMBEDDING_DTYPES = ('float32', 'float16')
 PLUG_RETRIEVAL = ('', 'bm25', 'recency')  # rankers that need no second encoder
+# The optimised baselines' choices (baselines/utility.py, ropg.py, rspg.py read them from here).
+INITIAL_RANKERS = ('bm25', 'contriever', 'recency', 'file')
+KD_FORMS = ('kl', 'reference')
+LOSS_FORMS = ('kl', 'reference')
 
 
 def _problems_of_values(c) -> list[str]:
@@ -90,6 +95,23 @@ def _problems_of_values(c) -> list[str]:
   need(c.train.max_eval_batches == -1 or c.train.max_eval_batches > 0, 'train.max_eval_batches',
        'must be > 0, or -1 for the whole split')
   need(c.eval.explain_top_k >= 0, 'eval.explain_top_k', 'must be >= 0')
+  # The retrieval and optimised baselines' keys, with the rest: the demo runs them after
+  # training, so a typo in one must be refused before PPlug trains, not after.
+  positive('rag.k', 'rag.max_length', 'ropg.candidates', 'ropg.temperature',
+           'ropg.query_max_length', 'ropg.doc_max_length', 'rspg.max_length',
+           'rspg.temperature')
+  one_of('rag.retriever_pooling', bert.POOLINGS)
+  one_of('ropg.initial_ranker', INITIAL_RANKERS)
+  one_of('ropg.kd_form', KD_FORMS)
+  one_of('rspg.loss_form', LOSS_FORMS)
+  allowed = ('none',) + RETRIEVAL_METHODS
+  need(len(c.rspg.retrievers) >= 2 and all(m in allowed for m in c.rspg.retrievers),
+       'rspg.retrievers', f'give at least two of {list(allowed)}')
+  for section in ('ropg', 'rspg'):
+    positive(f'{section}.lr', f'{section}.batch_size', f'{section}.epochs',
+             f'{section}.grad_clip', f'{section}.checkpoint_every')
+    need(0 <= c[section].warmup_frac < 1, f'{section}.warmup_frac', 'must be in [0, 1)')
+    need(0 <= c[section].dropout < 1, f'{section}.dropout', 'must be in [0, 1)')
   return p
 
 
@@ -127,6 +149,32 @@ def check_config(config, num_devices: int | None = None,
       jax.process_count() if process_count is None else process_count)
   if problems:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(problems))
+
+
+def check_precompute_inputs(config, workdir: str) -> None:
+  """What precompute reads is named and there (the demo makes its own, in --workdir)."""
+  problems = []
+  if config.demo or not config.data.records_dir:
+    if not workdir:
+      why = ('the demo makes its data and models there, as train does' if config.demo else
+             'the records go to <workdir>/records unless config.data.records_dir is set')
+      problems.append(f'--workdir is empty: {why}.')
+  if not config.demo:
+    files = 'config.json, model.safetensors and the tokenizer files'
+    if not config.encoder.path or not os.path.isdir(config.encoder.path):
+      problems.append(f'config.encoder.path={config.encoder.path!r}: download '
+                      f'{config.encoder.name} ({files}) and set it.')
+    if not config.data.lamp_dir or not os.path.isdir(config.data.lamp_dir):
+      problems.append(f'config.data.lamp_dir={config.data.lamp_dir!r}: download LaMP '
+                      f'({config.task}) and set it.')
+    tokenizer = config.llm.tokenizer or config.llm.path
+    if tokenizer != 'byte' and not os.path.isdir(tokenizer):
+      problems.append(f'config.llm.path={config.llm.path!r}: precompute needs the LLM\'s '
+                      f'tokenizer; download {config.llm.name} and set it.')
+  if problems:
+    raise ConfigError('cannot precompute:\n  ' + '\n  '.join(problems) +
+                      '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo '
+                      '--workdir DIR')
 
 
 def _count_questions(path: str) -> int:

@@ -17,9 +17,9 @@ from pplug_jax.baselines import runner
 def main(argv):
   del argv
   f = flags.FLAGS
-  config = cli.job_config()
-  k = f.k if f.k is not None else config.rag.k
-  print(json.dumps(runner.run(config, f.workdir, f.method, k, f.split), indent=1))
+  k = lambda config: f.k if f.k is not None else config.rag.k
+  with cli.job('baselines', lambda c: runner.check_method(c, f.workdir, f.method, k(c))) as config:
+    print(json.dumps(runner.run(config, f.workdir, f.method, k(config), f.split), indent=1))
 
 
 if __name__ == '__main__':

@@ -36,9 +36,9 @@ from pplug_jax.baselines import runner, trainer, utility
 from pplug_jax.baselines.retrieval import ropg_query_and_corpus
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert, hf_weights
+from pplug_jax.validation import KD_FORMS
 
 OBJECTIVES = ('kd', 'rl')
-KD_FORMS = ('kl', 'reference')
 
 
 def kd_loss(scores: jax.Array, utility_values: jax.Array, temperature: float,
@@ -165,7 +165,8 @@ def train(config, workdir: str, objective: str, mesh: jax.sharding.Mesh | None =
 
 def main(argv):
   del argv
-  print(train(cli.job_config(), flags.FLAGS.workdir, flags.FLAGS.objective))
+  with cli.job('baselines.ropg') as config:
+    print(train(config, flags.FLAGS.workdir, flags.FLAGS.objective))
 
 
 if __name__ == '__main__':

@@ -37,9 +37,9 @@ from pplug_jax.baselines import runner, trainer
 from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert, hf_weights
+from pplug_jax.validation import LOSS_FORMS
 
 KINDS = ('pre', 'post')
-LOSS_FORMS = ('kl', 'reference')
 POOL = ('none', 'bm25', 'contriever', 'recency', 'ropg-rl', 'ropg-kd')
 
 
@@ -110,14 +110,16 @@ def selection_data(config, kind: str, runs: dict[str, dict], questions: list[dic
   return data
 
 
-def _check(config, kind: str) -> str:
+def _check(config, kind: str, workdir: str | None = None) -> str:
+  """The kind, the loss, the selection model and the pool (with `workdir`: each retriever's
+  inputs, e.g. trained ROPG retrievers) are known and there, before any run of the pool."""
   if kind not in KINDS:
     raise ConfigError(f'--kind={kind!r}: use one of {KINDS}.')
   if config.rspg.loss_form not in LOSS_FORMS:
     raise ConfigError(f'config.rspg.loss_form={config.rspg.loss_form!r}: use one of '
                       f'{LOSS_FORMS}.')
   path = config.rspg.model_path or config.rag.retriever_path
-  if not path:
+  if not path and not config.demo:  # the demo sets rag.retriever_path to its MiniLM
     raise ConfigError('config.rspg.model_path and config.rag.retriever_path are empty: the '
                       'selection model needs a Hugging Face BERT directory.')
   unknown = [m for m in config.rspg.retrievers if m != runner.NO_RETRIEVAL and
@@ -125,13 +127,16 @@ def _check(config, kind: str) -> str:
   if unknown or len(config.rspg.retrievers) < 2:
     raise ConfigError(f'config.rspg.retrievers={tuple(config.rspg.retrievers)}: give at least '
                       f'two of {(runner.NO_RETRIEVAL,) + runner.METHODS}.')
+  if workdir is not None:
+    for method in config.rspg.retrievers:
+      runner.check_method(config, workdir, method, config.rag.k)
   return path
 
 
 def run(config, workdir: str, kind: str, split: str = 'dev', generator=None,
         mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Trains (or resumes) the selector on train, predicts on `split`, writes like a baseline."""
-  path = _check(config, kind)
+  path = _check(config, kind, workdir)
   mesh = mesh or partitioning.make_mesh(config.mesh_shape)
   rules = tuple(config.logical_axis_rules)
   generator = generator or runner.BaselineGenerator(config, mesh)
@@ -209,7 +214,8 @@ def main(argv):
   del argv
   import json
   f = flags.FLAGS
-  print(json.dumps(run(cli.job_config(), f.workdir, f.kind, f.split), indent=1))
+  with cli.job('baselines.rspg', lambda c: _check(c, f.kind, f.workdir)) as config:
+    print(json.dumps(run(config, f.workdir, f.kind, f.split), indent=1))
 
 
 if __name__ == '__main__':

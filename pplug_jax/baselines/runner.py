@@ -54,16 +54,34 @@ def dense_encoder(config, workdir: str, method: str) -> Any:
   """The TextEncoder a dense method ranks with: Contriever, or a trained ROPG retriever."""
   from pplug_jax.models.text_encoder import TextEncoder
   if method in ROPG_METHODS:
-    path = ropg_retriever_dir(workdir, method)
-    if not os.path.exists(os.path.join(path, 'model.safetensors')):
-      raise ConfigError(f'{path}: no trained {method} retriever. Train it first: python -m '
-                        f'pplug_jax.baselines.ropg --objective {method.split("-")[1]} '
-                        f'--config ... --workdir {workdir}')
-    return TextEncoder(path, config.rag.retriever_pooling, False)
+    return TextEncoder(ropg_retriever(workdir, method), config.rag.retriever_pooling, False)
   if not config.rag.retriever_path:
     raise ConfigError("config.rag.retriever_path is empty: method 'contriever' needs a "
                       'Hugging Face directory of facebook/contriever.')
   return TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False)
+
+
+def check_method(config, workdir: str, method: str, k: int) -> None:
+  """The method and k are known, and what the method ranks with is there: checked first."""
+  if method != NO_RETRIEVAL and method not in METHODS:
+    raise ConfigError(f'--method={method!r}: use one of {(NO_RETRIEVAL,) + METHODS}.')
+  if k < 1:
+    raise ConfigError(f'--k={k}: retrieve at least one item.')
+  if method in ROPG_METHODS:
+    ropg_retriever(workdir, method)
+  elif method == 'contriever' and not config.rag.retriever_path and not config.demo:
+    raise ConfigError("config.rag.retriever_path is empty: method 'contriever' needs a "
+                      'Hugging Face directory of facebook/contriever.')
+
+
+def ropg_retriever(workdir: str, method: str) -> str:
+  """The trained ROPG retriever's directory; refused, naming the command that trains it."""
+  path = ropg_retriever_dir(workdir, method)
+  if not os.path.exists(os.path.join(path, 'model.safetensors')):
+    raise ConfigError(f'{path}: no trained {method} retriever. Train it first: python -m '
+                      f'pplug_jax.baselines.ropg --objective {method.split("-")[1]} '
+                      f'--config ... --workdir {workdir}')
+  return path
 
 
 def llm_settings(config) -> dict[str, Any]:
@@ -184,10 +202,7 @@ def run(config, workdir: str, method: str, k: int, split: str = 'dev',
   With `reuse`, a finished run of the same settings and inputs (`run_<split>.json`) is read
   back instead of generated again.
   """
-  if method != NO_RETRIEVAL and method not in METHODS:
-    raise ConfigError(f'--method={method!r}: use one of {(NO_RETRIEVAL,) + METHODS}.')
-  if k < 1:
-    raise ConfigError(f'--k={k}: retrieve at least one item.')
+  check_method(config, workdir, method, k)
   spec = lamp.task_spec(config.task)
   qfile, questions, examples = raw_questions(config, split)
   check_fields(spec.name, qfile, questions, method)

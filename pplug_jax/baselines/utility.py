@@ -16,7 +16,8 @@ Output, `W/ropg/utility_<split>.jsonl`, one JSON object per query, in the split'
 A query with an empty profile has empty lists. `W/ropg/utility_<split>.json` records the
 settings and input files; a run with other ones is refused. Lines are appended (and fsynced)
 after each chunk of queries, so a killed run continues where it stopped: a torn last line is
-dropped and its queries are scored again, none twice, none lost.
+dropped and its queries are scored again, none twice, none lost. The workdir's lock keeps a
+second scorer out, and a line is appended only for a query the file does not hold yet.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from pplug_jax.baselines import runner
 from pplug_jax.baselines.prompts import rag_prompt
 from pplug_jax.baselines.retrieval import rank_profile
 from pplug_jax.errors import ConfigError
+from pplug_jax.validation import INITIAL_RANKERS
 
-INITIAL_RANKERS = ('bm25', 'contriever', 'recency', 'file')
 
 
 def paths(workdir: str, split: str) -> tuple[str, str]:
@@ -88,6 +89,10 @@ def read_done(path: str) -> list[dict]:
   return done
 
 
+def _size(path: str) -> int:
+  return os.path.getsize(path) if os.path.exists(path) else 0
+
+
 def score(config, workdir: str, split: str = 'train',
           generator: runner.BaselineGenerator | None = None, encoder: Any = None,
           stop_after_chunks: int | None = None) -> str:
@@ -106,6 +111,7 @@ def score(config, workdir: str, split: str = 'train',
   partitioning.sync('utility settings')
   done = {d['id'] for d in read_done(out_file)}
   todo = [q for q in questions if q['id'] not in done]
+  before, written = len(done), _size(out_file)
   if config.ropg.initial_ranker == 'contriever' and encoder is None:
     encoder = runner.dense_encoder(config, workdir, 'contriever')
   generator = generator or runner.BaselineGenerator(config)
@@ -128,10 +134,15 @@ def score(config, workdir: str, split: str = 'train',
                     'utility': metrics_lib.utilities(config.task, texts,
                                                      [gold[q['id']]] * len(texts))})
     if jax.process_index() == 0:
+      if _size(out_file) != written:  # someone else appended: never a query twice
+        done = {d['id'] for d in read_done(out_file)}
+      lines = [line for line in lines if line['id'] not in done]
       with open(out_file, 'a', encoding='utf-8') as f:
         f.writelines(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
         f.flush()
         os.fsync(f.fileno())
+      done.update(line['id'] for line in lines)
+      written = _size(out_file)
     bar.update(len(part))
     chunks += 1
     if stop_after_chunks is not None and chunks >= stop_after_chunks:
@@ -139,13 +150,14 @@ def score(config, workdir: str, split: str = 'train',
   bar.close()
   partitioning.sync('utility written')
   logging.info('utility (%s): %d queries scored now, %d before, in %.1fs', split,
-               min(len(todo), chunks * chunk), len(done), time.time() - start)
+               min(len(todo), chunks * chunk), before, time.time() - start)
   return out_file
 
 
 def main(argv):
   del argv
-  print(score(cli.job_config(), flags.FLAGS.workdir, flags.FLAGS.split))
+  with cli.job('baselines.utility') as config:
+    print(score(config, flags.FLAGS.workdir, flags.FLAGS.split))
 
 
 if __name__ == '__main__':
