@@ -219,7 +219,8 @@ def grouped_attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax
   for k, v, _ in blocks:
     bk, tk = k.shape[0], k.shape[1]
     w = weights[..., start:start + tk].reshape(bk, n // bk, hkv, h // hkv, tq, tk)
-    out = out + jnp.einsum('bghrqk,bkhd->bgqhrd', w.astype(v.dtype), v)
+    out = out + jnp.einsum('bghrqk,bkhd->bgqhrd', w.astype(v.dtype), v).reshape(
+        n, tq, hkv, h // hkv, d)
     start += tk
   return out.reshape(n, tq, h, d)
 
