@@ -1,7 +1,9 @@
-"""Jitted generation over the T5 decode cache: the whole loop runs on device.
+"""Jitted greedy and beam search over any backbone's cached decode: the loop runs on device.
 
-The self-attention cache grows in stages (`cache_stages`): a step attends over, and beam search
-reorders, a cache only as long as the current stage, so short outputs do not pay for
+The backbone supplies a `backbone.Stepper` (start: the first logits and the cache; step: one
+token per row), so T5 and the decoder-only families share one search, with Hugging Face's
+semantics. The per-row cache grows in stages (`cache_stages`): a step attends over, and beam
+search reorders, a cache only as long as the current stage, so short outputs do not pay for
 `max_new_tokens` of cache on every step. Each stage is its own `while_loop` with static shapes;
 the loop stops as soon as every row is finished.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pplug_jax.models import t5 as t5_lib
+from pplug_jax.models import backbone
 
 FIRST_STAGE, STAGE_GROWTH = 32, 4
 
@@ -25,45 +27,39 @@ def cache_stages(max_new_tokens: int) -> list[int]:
   return sizes + [max_new_tokens]
 
 
-def _grow(cache: dict, length: int) -> dict:
-  """The cache with its self-attention keys/values zero-padded to `length` positions."""
-  out = {}
-  for key, value in cache.items():
-    if key.startswith('self') and value.shape[2] < length:
-      value = jnp.pad(value, [(0, 0), (0, 0), (0, length - value.shape[2]), (0, 0), (0, 0)])
-    out[key] = value
-  return out
+def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+  return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
-def greedy(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Array,
+def greedy(llm: backbone.Model, llm_params: dict, embedded: jax.Array, mask: jax.Array,
            max_new_tokens: int) -> jax.Array:
-  """Greedy tokens [B, max_new_tokens]; after EOS a row is padded with pad_token_id."""
-  c = llm.config
-  v = {'params': llm_params}
-  b = embedded.shape[0]
-  encoded = llm.apply(v, embedded, mask, method=t5_lib.T5.encode)
+  """Greedy tokens [B, max_new_tokens] after the input embeddings; after EOS, the fill id."""
+  return greedy_search(backbone.stepper(llm, llm_params, embedded, mask), max_new_tokens)
+
+
+def greedy_search(s: backbone.Stepper, max_new_tokens: int) -> jax.Array:
+  """Greedy decoding of one Stepper."""
   stages = cache_stages(max_new_tokens)
-  cache = t5_lib.init_cache(c, b, stages[0])
-  start = jnp.full((b, 1), c.decoder_start_token_id, jnp.int32)
-  # step 0 fills the cross-attention keys/values into the cache; later steps reuse them
-  logits, cache = llm.apply(v, start, encoded, mask, cache, jnp.int32(0), method=t5_lib.T5.decode)
-  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-  tokens = jnp.full((b, max_new_tokens), c.pad_token_id, jnp.int32).at[:, 0].set(first)
-  done = first == c.eos_token_id
+  logits, cache = s.start(1, stages[0])
+  b = logits.shape[0]
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  tokens = jnp.full((b, max_new_tokens), s.fill_id, jnp.int32).at[:, 0].set(first)
+  done = _is_eos(first, s.eos_ids)
 
   def body(carry):
     i, tokens, cache, done = carry
     prev = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)
-    logits, cache = llm.apply(v, prev, None, mask, cache, i, method=t5_lib.T5.decode)
-    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    nxt = jnp.where(done, c.pad_token_id, nxt)
+    logits, cache = s.step(prev, cache, i)
+    nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    nxt = jnp.where(done, s.fill_id, nxt)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], i, axis=1)
-    return i + 1, tokens, cache, done | (nxt == c.eos_token_id)
+    return i + 1, tokens, cache, done | _is_eos(nxt, s.eos_ids)
 
   carry = (jnp.int32(1), tokens, cache, done)
   for size in stages:
     cond = lambda carry, size=size: (carry[0] < size) & ~jnp.all(carry[3])
-    carry = jax.lax.while_loop(cond, body, carry[:2] + (_grow(carry[2], size),) + carry[3:])
+    carry = jax.lax.while_loop(cond, body,
+                               carry[:2] + (backbone.grow(carry[2], size),) + carry[3:])
   return carry[1]
 
 
@@ -72,38 +68,42 @@ def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def beam_search(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Array,
+def beam_search(llm: backbone.Model, llm_params: dict, embedded: jax.Array, mask: jax.Array,
                 max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False) -> tuple[jax.Array, jax.Array]:
+  """Beam search with Hugging Face's semantics; see `beam_search_steps`."""
+  return beam_search_steps(backbone.stepper(llm, llm_params, embedded, mask), max_new_tokens,
+                           num_beams, length_penalty, early_stopping)
+
+
+def beam_search_steps(s: backbone.Stepper, max_new_tokens: int, num_beams: int,
+                      length_penalty: float = 1.0,
+                      early_stopping: bool | str = False) -> tuple[jax.Array, jax.Array]:
   """Beam search with Hugging Face's semantics (vectorised `generate`, num_return_sequences=1).
 
   Keeps 2*num_beams candidates a step; a candidate ending in EOS (or at the length limit) among
   the top num_beams is finished with score logp / generated_len**length_penalty; stopping
-  follows HF's early-stopping heuristic. Cross-attention keys/values are computed once per
-  input and shared by its beams. Returns (tokens [B, max_new_tokens] padded after EOS, scores [B]).
+  follows HF's early-stopping heuristic. Cross-attention (T5) or prefix (decoder-only)
+  keys/values are computed once per input and shared by its beams. Returns (tokens [B, max_new_tokens] padded after EOS, scores [B]).
   """
-  c = llm.config
-  v = {'params': llm_params}
-  b, nb, t = embedded.shape[0], num_beams, max_new_tokens
+  nb, t = num_beams, max_new_tokens
   k = 2 * nb
   neg = jnp.float32(-1.0e9)
-  encoded = llm.apply(v, embedded, mask, method=t5_lib.T5.encode)
   stages = cache_stages(t)
-  cache = t5_lib.init_cache(c, b * nb, stages[0])
-  start = jnp.full((b * nb, 1), c.decoder_start_token_id, jnp.int32)
-  logits, cache = llm.apply(v, start, encoded, mask, cache, jnp.int32(0), method=t5_lib.T5.decode)
+  logits, cache = s.start(nb, stages[0])
+  b = logits.shape[0] // nb
 
   def select(i, logits, st):
     """One HF beam step given the logits for generated position i."""
     running, run_scores, fin, fin_scores, fin_flag, heur, _ = st
-    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     vocab = logp.shape[-1]
     logp = logp.reshape(b, nb, vocab) + run_scores[:, :, None]
     top_lp, top_idx = jax.lax.top_k(logp.reshape(b, nb * vocab), k)
     parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
     top_seq = _gather_beams(running, parent)
     top_seq = jax.lax.dynamic_update_slice_in_dim(top_seq, token[:, :, None], i, axis=2)
-    hits = (token == c.eos_token_id) | (i + 1 >= t)
+    hits = _is_eos(token, s.eos_ids) | (i + 1 >= t)
     # the best unfinished candidates keep running
     run_lp = top_lp + hits.astype(jnp.float32) * neg
     _, keep = jax.lax.top_k(run_lp, nb)
@@ -129,14 +129,12 @@ def beam_search(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax
     go = jnp.any(heur) & ~(jnp.all(fin_flag) & (early_stopping is True)) & ~jnp.all(hits)
     return (new_running, new_run_scores, fin, fin_scores, fin_flag, heur, go), new_parent
 
-  pad = jnp.full((b, nb, t), c.pad_token_id, jnp.int32)
+  pad = jnp.full((b, nb, t), s.fill_id, jnp.int32)
   init = (pad, jnp.zeros((b, nb), jnp.float32).at[:, 1:].set(neg), pad,
           jnp.full((b, nb), neg), jnp.zeros((b, nb), bool), jnp.ones((b, 1), bool), True)
 
   def reorder(cache, parent):
-    flat = (jnp.arange(b)[:, None] * nb + parent).reshape(-1)
-    return {key: (jnp.take(val, flat, axis=1) if key.startswith('self') else val)
-            for key, val in cache.items()}
+    return backbone.reorder(cache, (jnp.arange(b)[:, None] * nb + parent).reshape(-1))
 
   st, parent = select(jnp.int32(0), logits, init)
   cache = reorder(cache, parent)
@@ -144,15 +142,16 @@ def beam_search(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax
   def body(carry):
     i, st, cache = carry
     prev = jax.lax.dynamic_slice_in_dim(st[0], i - 1, 1, axis=2).reshape(b * nb, 1)
-    logits, cache = llm.apply(v, prev, None, mask, cache, i, method=t5_lib.T5.decode)
+    logits, cache = s.step(prev, cache, i)
     st, parent = select(i, logits, st)
     return i + 1, st, reorder(cache, parent)
 
   i = jnp.int32(1)
   for size in stages:
     cond = lambda carry, size=size: (carry[0] < size) & carry[1][-1]
-    i, st, cache = jax.lax.while_loop(cond, body, (i, st, _grow(cache, size)))
+    i, st, cache = jax.lax.while_loop(cond, body, (i, st, backbone.grow(cache, size)))
   tokens, scores = st[2][:, 0], st[3][:, 0]
   # after the first EOS, pad (HF fills the tail with its own filler)
-  after_eos = jnp.cumsum(tokens == c.eos_token_id, axis=1) - (tokens == c.eos_token_id) > 0
-  return jnp.where(after_eos, c.pad_token_id, tokens), scores
+  eos = _is_eos(tokens, s.eos_ids)
+  after_eos = jnp.cumsum(eos, axis=1) - eos > 0
+  return jnp.where(after_eos, s.fill_id, tokens), scores

@@ -60,3 +60,40 @@ def save_tiny_bert(path: str, seed: int = 0, vocab_size: int = 120, hidden: int 
       p.add_(0.05 * torch.randn_like(p))
   model.save_pretrained(path)
   return model
+
+
+LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0,
+               'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+               'original_max_position_embeddings': 64}
+
+
+def save_tiny_decoder(path: str, model_type: str = 'llama', seed: int = 0, vocab_size: int = 320,
+                      hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                      intermediate: int = 48, tied: bool = False, rope: dict | None = None,
+                      eos_boost: float = 1.0, eos_token_id: int = 2):
+  """Saves a random LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM and returns it (eval).
+
+  Every parameter gets noise (non-trivial norms and biases); eos_boost > 1 scales the EOS row of
+  the head (the embedding when tied) so that EOS wins inside short generation horizons.
+  """
+  import transformers
+  torch.manual_seed(seed)
+  names = {'llama': ('LlamaConfig', 'LlamaForCausalLM'), 'qwen2': ('Qwen2Config',
+                                                                   'Qwen2ForCausalLM'),
+           'qwen3': ('Qwen3Config', 'Qwen3ForCausalLM')}[model_type]
+  kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=1,
+            eos_token_id=eos_token_id, rms_norm_eps=1e-6,
+            rope_parameters=rope or {'rope_type': 'default', 'rope_theta': 10000.0})
+  if model_type == 'qwen3':
+    kw['head_dim'] = hidden // heads
+  config = getattr(transformers, names[0])(**kw)
+  model = getattr(transformers, names[1])(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+    head = model.get_output_embeddings().weight
+    head[eos_token_id] *= eos_boost
+  model.save_pretrained(path)
+  return model

@@ -23,6 +23,7 @@ from flax import traverse_util
 from pplug_jax import fileio
 from pplug_jax.errors import UserError
 from pplug_jax.models import bert as bert_lib
+from pplug_jax.models import decoder as decoder_lib
 from pplug_jax.models import t5 as t5_lib
 
 Params = dict[str, Any]
@@ -399,6 +400,79 @@ def save_t5(path: str, config: t5_lib.T5Config, params: Params) -> None:
 def embedding_table(path: str) -> np.ndarray:
   """The [vocab, d] token-embedding table of a T5 directory, read from disk alone."""
   return np.asarray(SafetensorsDir(path).get('shared.weight'))
+
+
+def _decoder_mapping(c: decoder_lib.DecoderConfig) -> dict[tuple[str, ...], tuple[str, Transform]]:
+  """Our decoder param paths -> Hugging Face Llama/Qwen2/Qwen3 tensor names."""
+  m = {('token_embedder', 'embedding'): ('model.embed_tokens.weight', _I),
+       ('layers', 'final_norm', 'scale'): ('model.norm.weight', _I)}
+  attn = {'query': ('q_proj', c.qkv_bias), 'key': ('k_proj', c.qkv_bias),
+          'value': ('v_proj', c.qkv_bias), 'out': ('o_proj', c.out_bias)}
+  for i in range(c.num_layers):
+    ours, pre = ('layers', f'layers_{i}'), f'model.layers.{i}'
+    m[(*ours, 'input_norm', 'scale')] = (f'{pre}.input_layernorm.weight', _I)
+    m[(*ours, 'post_attention_norm', 'scale')] = (f'{pre}.post_attention_layernorm.weight', _I)
+    for name, (theirs, bias) in attn.items():
+      m[(*ours, 'attention', name, 'kernel')] = (f'{pre}.self_attn.{theirs}.weight', _T)
+      if bias:
+        m[(*ours, 'attention', name, 'bias')] = (f'{pre}.self_attn.{theirs}.bias', _I)
+    if c.qk_norm:
+      m[(*ours, 'attention', 'query_norm', 'scale')] = (f'{pre}.self_attn.q_norm.weight', _I)
+      m[(*ours, 'attention', 'key_norm', 'scale')] = (f'{pre}.self_attn.k_norm.weight', _I)
+    for name, theirs in (('wi_0', 'gate_proj'), ('wi_1', 'up_proj'), ('wo', 'down_proj')):
+      m[(*ours, 'mlp', name, 'kernel')] = (f'{pre}.mlp.{theirs}.weight', _T)
+      if c.mlp_bias:
+        m[(*ours, 'mlp', name, 'bias')] = (f'{pre}.mlp.{theirs}.bias', _I)
+  if not c.tie_word_embeddings:
+    m[('logits_dense', 'kernel')] = ('lm_head.weight', _T)
+  return m
+
+
+def decoder_abstract_params(config: decoder_lib.DecoderConfig, boxed: bool = True) -> Params:
+  """Shape/dtype tree of decoder-only LM params; boxed with logical axis names."""
+  from flax import linen as nn
+
+  def init():  # the embedding table too, which a forward from embeddings does not touch
+    return decoder_lib.CausalLM(config).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32),
+        method=lambda m, ids: m(m.embed(ids), jnp.ones(ids.shape, jnp.int32)))['params']
+
+  shapes = jax.eval_shape(init)
+  return shapes if boxed else nn.meta.unbox(shapes)
+
+
+def load_decoder_config(path: str, dtype: Any = jnp.float32,
+                        **config_overrides) -> decoder_lib.DecoderConfig:
+  """The DecoderConfig of a Hugging Face Llama / Qwen2 / Qwen3 directory."""
+  return decoder_lib.DecoderConfig.from_hf(read_hf_config(path),
+                                           source=os.path.join(path, 'config.json'),
+                                           param_dtype=dtype, **config_overrides)
+
+
+def load_decoder(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
+                 **config_overrides) -> tuple[decoder_lib.DecoderConfig, Params]:
+  """Loads a Hugging Face decoder-only directory (one file or a sharded index) as (config, params).
+
+  As `load_t5`: `shardings` is a tree of NamedShardings or a function of the boxed abstract
+  params, and every tensor goes straight into its sharding, one at a time.
+  """
+  ckpt = SafetensorsDir(path)
+  config = load_decoder_config(path, dtype, **config_overrides)
+  boxed = decoder_abstract_params(config)
+  flat_mapping = _decoder_mapping(config)
+  mapping = {k: [v] for k, v in flat_mapping.items()}
+  if config.scan_layers:
+    mapping = _stack_scanned(flat_mapping, {'layers': config.num_layers})
+  ignored = lambda k: k.endswith('rotary_emb.inv_freq') or (
+      config.tie_word_embeddings and k == 'lm_head.weight')
+  params = load_mapped(ckpt, mapping, _unbox(boxed), dtype,
+                       _resolve_shardings(shardings, boxed), ignored)
+  return config, params
+
+
+def decoder_embedding_table(path: str) -> np.ndarray:
+  """The [vocab, d] token-embedding table of a decoder-only directory, read from disk alone."""
+  return np.asarray(SafetensorsDir(path).get('model.embed_tokens.weight'))
 
 
 def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,

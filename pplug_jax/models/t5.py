@@ -20,6 +20,7 @@ from flax import linen as nn
 from pplug_jax.models.layers import (NEG_INF, Dense, Embed, constrain, dropout,
                                      multihead_attention, param)
 from pplug_jax.models.numerics import ACTIVATIONS, as_dtype
+from pplug_jax.models.stack import REMAT_POLICIES, layer_stack  # noqa: F401 (re-exported)
 
 Cache = dict[str, jax.Array]
 
@@ -243,47 +244,6 @@ class DecoderLayer(nn.Module):
     return constrain(x, ('batch', 'length', 'embed')), new_cache
 
 
-REMAT_POLICIES = {
-    'full': None,
-    'dots_with_no_batch_dims': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-}
-
-
-def _layer_stack(config: T5Config, layer_cls: type[nn.Module], num_layers: int,
-                 in_axes: tuple[Any, ...]):
-  """Returns fn(parent, x, *args) that applies the layers, remat'ed and/or scanned by config."""
-  if config.remat_policy != 'none':
-    if config.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f'config.llm.remat_policy={config.remat_policy!r} is not one of '
-                       f"{['none', *REMAT_POLICIES]}.")
-    layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
-                         prevent_cse=not config.scan_layers)
-  if config.scan_layers:
-    scanned = nn.scan(layer_cls, variable_axes={'params': 0},
-                      split_rngs={'params': True, 'dropout': True},
-                      in_axes=in_axes, length=num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-
-    def apply_scanned(x, *args):
-      return scanned(config, name='layers')(x, *args)
-
-    return apply_scanned
-
-  def apply_unrolled(x, *args):
-    outs = []
-    for i in range(num_layers):
-      layer_args = [jax.tree.map(lambda a, i=i: a[i], arg) if ax == 0 else arg
-                    for arg, ax in zip(args, in_axes)]
-      x, out = layer_cls(config, name=f'layers_{i}')(x, *layer_args)
-      outs.append(out)
-    if outs[0] is None:
-      return x, None
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-  return apply_unrolled
-
-
 class Encoder(nn.Module):
   config: T5Config
 
@@ -295,7 +255,7 @@ class Encoder(nn.Module):
     bias = bias + jnp.where(mask[:, None, None, :] > 0, 0.0, NEG_INF)
     x = dropout(self, embedded.astype(c.dtype), c.dropout_rate)
     x = constrain(x, ('batch', 'length', 'embed'))
-    stack = _layer_stack(c, EncoderLayer, c.num_encoder_layers, (nn.broadcast,))
+    stack = layer_stack(c, EncoderLayer, c.num_encoder_layers, (nn.broadcast,))
     x, _ = stack(x, bias)
     x = _norm(c)(name='encoder_norm')(x)
     return constrain(dropout(self, x, c.dropout_rate), ('batch', 'length', 'embed'))
@@ -323,7 +283,7 @@ class Decoder(nn.Module):
     cross_bias = jnp.where(encoder_mask[:, None, None, :] > 0, 0.0, NEG_INF)
     x = dropout(self, self.shared_embedding(decoder_input_ids), c.dropout_rate)
     x = constrain(x, ('batch', 'length', 'embed'))
-    stack = _layer_stack(c, DecoderLayer, c.num_decoder_layers,
+    stack = layer_stack(c, DecoderLayer, c.num_decoder_layers,
                          (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
     x, new_cache = stack(x, cache, encoded, self_bias, cross_bias, decode_index)
     x = _norm(c)(name='decoder_norm')(x)
