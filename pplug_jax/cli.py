@@ -111,6 +111,9 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  value = _config_value(argv)
+  if value is not None and missing_config_message(value):  # config_flags defers this error
+    fail(missing_config_message(value))
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # unknown config keys, values of the wrong type, bad config args

@@ -153,12 +153,13 @@ def check_config(config, num_devices: int | None = None,
 
 def check_precompute_inputs(config, workdir: str) -> None:
   """What precompute reads is named and there (the demo makes its own, in --workdir)."""
+  if config.demo and not workdir:
+    raise ConfigError('--workdir is empty: the demo makes its data and models there, as train '
+                      'does; give --workdir DIR.')
   problems = []
-  if config.demo or not config.data.records_dir:
-    if not workdir:
-      why = ('the demo makes its data and models there, as train does' if config.demo else
-             'the records go to <workdir>/records unless config.data.records_dir is set')
-      problems.append(f'--workdir is empty: {why}.')
+  if not workdir and not config.data.records_dir:
+    problems.append('--workdir is empty: the records go to <workdir>/records unless '
+                    'config.data.records_dir is set.')
   if not config.demo:
     files = 'config.json, model.safetensors and the tokenizer files'
     if not config.encoder.path or not os.path.isdir(config.encoder.path):
