@@ -5,6 +5,11 @@
   configs/lamp.py:task=2,size=xxl,split=time,encoder=bge
                                 a real run; set config.llm.path, config.encoder.path and
                                 config.data.lamp_dir to local Hugging Face / LaMP directories
+  configs/lamp.py:task=2,llm=llama2-7b
+                                the backbone by name: flan-t5-small..xxl (size= is the FlanT5
+                                shorthand), llama2-7b, llama3.1-8b, qwen2.5-7b, qwen3-8b; any
+                                Hugging Face directory of a supported family works through
+                                --config.llm.path (its family is read from its config.json)
 
 Every key can be overridden on the command line, e.g. --config.optim.lr=3e-5.
 """
@@ -15,6 +20,18 @@ from pplug_jax import partitioning
 from pplug_jax.data import lamp
 
 SIZES = ('small', 'base', 'large', 'xl', 'xxl')
+# Decoder-only backbones: Hugging Face name, and their remat/scan/dtype/mesh defaults (7-8B in
+# bf16 is ~15 GiB of weights: the model axis splits them over 4 chips of 16 GiB).
+DECODERS = {
+    'llama2-7b': dict(name='meta-llama/Llama-2-7b-hf'),
+    'llama3.1-8b': dict(name='meta-llama/Llama-3.1-8B'),
+    'qwen2.5-7b': dict(name='Qwen/Qwen2.5-7B'),
+    'qwen3-8b': dict(name='Qwen/Qwen3-8B'),
+}
+DECODER_DEFAULTS = dict(dtype='bfloat16', param_dtype='bfloat16',
+                        remat_policy='dots_with_no_batch_dims', scan_layers=True)
+DECODER_MESH = (-1, 4)
+LLMS = tuple(f'flan-t5-{s}' for s in SIZES) + tuple(DECODERS)
 ENCODERS = {
     'bge': dict(name='BAAI/bge-base-en-v1.5', pooling='cls', normalize=True,
                 query_prefix='Represent this sentence for searching relevant passages: '),
@@ -32,11 +49,11 @@ def _parse(arg):
       continue
     key, _, value = part.partition('=')
     out[key] = value or True
-  unknown = set(out) - {'demo', 'task', 'size', 'split', 'encoder', 'reference'}
+  unknown = set(out) - {'demo', 'task', 'size', 'llm', 'split', 'encoder', 'reference'}
   if unknown:
     raise ValueError(f'configs/lamp.py: unknown args {sorted(unknown)}; use demo, task=N, '
-                     'size=small..xxl, split=user|time, encoder=bge|contriever|minilm, '
-                     'reference.')
+                     'size=small..xxl, llm=NAME, split=user|time, '
+                     'encoder=bge|contriever|minilm, reference.')
   return out
 
 
@@ -58,6 +75,13 @@ def get_config(arg=None):
   size = args.get('size', 'xxl')
   if size not in SIZES:
     raise ValueError(f'configs/lamp.py: size={size!r} must be one of {SIZES}.')
+  llm = args.get('llm', f'flan-t5-{size}')
+  if 'llm' in args and 'size' in args and llm != f'flan-t5-{size}':
+    raise ValueError(f'configs/lamp.py: size={size} and llm={llm} name two backbones; give one.')
+  if llm not in LLMS:
+    raise ValueError(f'configs/lamp.py: llm={llm!r} must be one of {LLMS}.')
+  if llm.startswith('flan-t5-'):
+    size = llm[len('flan-t5-'):]
   encoder = args.get('encoder', 'bge')
   if encoder not in ENCODERS:
     raise ValueError(f'configs/lamp.py: encoder={encoder!r} must be one of {sorted(ENCODERS)}.')
@@ -100,7 +124,7 @@ def get_config(arg=None):
 
   c.llm = ml_collections.ConfigDict()
   c.llm.name = f'google/flan-t5-{size}'
-  c.llm.path = ''               # local Hugging Face directory of FlanT5
+  c.llm.path = ''               # local Hugging Face directory of the backbone (family from config.json)
   c.llm.tokenizer = ''          # '' = the tokenizer in llm.path; 'byte' = ByT5 bytes
   c.llm.dtype = 'bfloat16'      # compute dtype
   c.llm.param_dtype = 'bfloat16'
@@ -108,6 +132,7 @@ def get_config(arg=None):
   c.llm.scan_layers = size in ('xl', 'xxl')
   c.llm.vocab_limit = 0         # 0: all rows; -1: len(tokenizer) + 2 (the official resize); N
   c.llm.dropout_rate = 0.0      # in the frozen LLM during training steps only (official: 0.1)
+  c.llm.chat_template = False   # decoder-only: wrap the input in the tokenizer's chat template
 
   c.plug = ml_collections.ConfigDict()
   c.plug.persona_scale = -1.0   # -1: mean L2 norm of the backbone's token embeddings
@@ -171,6 +196,10 @@ def get_config(arg=None):
 
   c.mesh_shape = (-1, 1)        # (data, model); -1 = all remaining devices
   c.logical_axis_rules = partitioning.STANDARD_RULES
+  if llm in DECODERS:
+    c.llm.name = DECODERS[llm]['name']
+    c.llm.update(DECODER_DEFAULTS)
+    c.mesh_shape = DECODER_MESH
 
   if 'reference' in args:
     _reference(c)

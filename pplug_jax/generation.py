@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from pplug_jax import decoding, metrics as metrics_lib, tokenizers
 from pplug_jax.data import pipeline
-from pplug_jax.models import t5 as t5_lib
+from pplug_jax.models import backbone
 from pplug_jax.system import System
 
 
@@ -39,9 +39,9 @@ class GenerationSettings:
                int(e.max_new_tokens))
 
 
-def decode_tokens(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Array,
+def decode_tokens(llm: backbone.Model, llm_params: dict, embedded: jax.Array, mask: jax.Array,
                   settings: GenerationSettings) -> jax.Array:
-  """Generated tokens [B, max_new_tokens] from encoder input embeddings."""
+  """Generated tokens [B, max_new_tokens] (new tokens only) after the input embeddings."""
   if settings.num_beams <= 1:
     return decoding.greedy(llm, llm_params, embedded, mask, settings.max_new_tokens)
   tokens, _ = decoding.beam_search(llm, llm_params, embedded, mask, settings.max_new_tokens,

@@ -55,6 +55,8 @@ def fingerprint(config) -> dict[str, Any]:
     out['history_order'] = config.data.history_order
   if config.data.query_source != 'input':  # likewise
     out['query_source'] = config.data.query_source
+  if config.llm.get('chat_template'):  # likewise
+    out['llm_chat_template'] = True
   if config.encoder.path:
     out.update(encoder_path=os.path.abspath(config.encoder.path),
               dim=int(hf_weights.read_hf_config(config.encoder.path)['hidden_size']),
@@ -190,6 +192,7 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
                         config.encoder.dtype, config.encoder.batch_size,
                         config.data.item_max_length)
   llm_tok = tokenizers.llm_tokenizer(config)
+  encoding = tokenizers.llm_encoding(config, llm_tok)  # validated before any work
   current = fingerprint(config)
   if current['dim'] != encoder.dim:  # read from config.json, then from the loaded weights
     raise RecordsError(f'{config.encoder.path}: config.json says hidden_size {current["dim"]}, '
@@ -236,10 +239,8 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
                    np.zeros((0, encoder.dim), np.float32))
           w.write(records.serialize_example(
               example_id=ex.id,
-              input_ids=llm_tok(text, truncation=True,
-                                max_length=config.data.max_input_length)['input_ids'],
-              target_ids=llm_tok(ex.output, truncation=True,
-                                 max_length=config.data.max_target_length)['input_ids']
+              input_ids=encoding.input_ids(text, config.data.max_input_length),
+              target_ids=encoding.target_ids(ex.output, config.data.max_target_length)
               if ex.output is not None else [],
               target_text=ex.output or '',
               query_embedding=q_emb,

@@ -14,7 +14,8 @@ from jax.sharding import Mesh
 from pplug_jax import partitioning
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert as bert_lib
-from pplug_jax.models import hf_weights, plug as plug_lib, t5 as t5_lib
+from pplug_jax.models import backbone, hf_weights, plug as plug_lib
+from pplug_jax.models import decoder as decoder_lib
 from pplug_jax.models.numerics import as_dtype
 
 Batch = dict[str, jax.Array]
@@ -25,7 +26,7 @@ class System:
   """The frozen backbone (sharded), the plug module, and the trainable-parameter initialiser."""
   mesh: Mesh
   rules: tuple  # logical axis rules of the mesh
-  llm: t5_lib.T5
+  llm: backbone.Model  # T5 or a decoder-only LM: used only through models/backbone.py
   llm_params: dict
   plug: plug_lib.PersonaPlug
   encoder_dim: int
@@ -45,7 +46,7 @@ class System:
 
   @property
   def uses_dropout(self) -> bool:
-    """Whether a training step needs a 'dropout' rng (T5 or the query encoder has a rate)."""
+    """Whether a training step needs a 'dropout' rng (the LLM or the query encoder has a rate)."""
     rates = [self.llm.config.dropout_rate]
     if self.query_encoder is not None:
       rates.append(self.query_encoder.config.dropout_rate)
@@ -108,16 +109,38 @@ def vocab_limit(config) -> int:
   return len(tokenizers.llm_tokenizer(config)) + 2
 
 
-def load_llm(config, mesh: Mesh) -> tuple[t5_lib.T5, dict]:
-  """The frozen LLM of config.llm, loaded straight into its sharding on `mesh`."""
+def llm_family(path: str) -> str:
+  """The backbone family of a Hugging Face directory, from its config.json `model_type`."""
+  model_type = hf_weights.read_hf_config(path).get('model_type') or 't5'
+  if model_type not in backbone.FAMILIES:
+    raise decoder_lib.UnsupportedModelError(
+        f'{path}/config.json: model_type={model_type!r} is not supported; supported: '
+        f'{", ".join(backbone.FAMILIES)}.')
+  return model_type
+
+
+def load_llm(config, mesh: Mesh) -> tuple[backbone.Model, dict]:
+  """The frozen LLM of config.llm (family from its config.json), straight into its sharding."""
   rules = tuple(config.logical_axis_rules)
+  shardings = lambda boxed: partitioning.logical_shardings(boxed, mesh, rules)
   overrides = dict(remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers,
-                   vocab_limit=vocab_limit(config), dropout_rate=config.llm.dropout_rate)
-  llm_config, llm_params = hf_weights.load_t5(
-      config.llm.path, dtype=as_dtype(config.llm.param_dtype),
-      shardings=lambda boxed: partitioning.logical_shardings(boxed, mesh, rules), **overrides)
+                   dropout_rate=config.llm.dropout_rate)
+  dtype = as_dtype(config.llm.param_dtype)
+  if llm_family(config.llm.path) == 't5':
+    llm_config, llm_params = hf_weights.load_t5(config.llm.path, dtype=dtype, shardings=shardings,
+                                                vocab_limit=vocab_limit(config), **overrides)
+  else:
+    if config.llm.vocab_limit:
+      raise ConfigError(f'config.llm.vocab_limit={config.llm.vocab_limit} is for FlanT5 (the '
+                        'official resize); set it to 0 for a decoder-only backbone.')
+    hf = hf_weights.read_hf_config(config.llm.path)
+    kv_heads = hf.get('num_key_value_heads') or hf['num_attention_heads']
+    model_axis = mesh.shape.get('model', 1)
+    llm_config, llm_params = hf_weights.load_decoder(
+        config.llm.path, dtype=dtype, shardings=shardings,
+        shard_kv_heads=decoder_lib.kv_heads_shardable(kv_heads, model_axis), **overrides)
   llm_config = dataclasses.replace(llm_config, dtype=as_dtype(config.llm.dtype))
-  return t5_lib.T5(llm_config), llm_params
+  return backbone.make_model(llm_config), llm_params
 
 
 def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
@@ -126,7 +149,7 @@ def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
   llm, llm_params = load_llm(config, mesh)
   llm_config = llm.config
   plug = plug_lib.make_plug(config, encoder_dim, llm_config,
-                           llm_params['token_embedder']['embedding'])
+                           backbone.embedding_table(llm_params))
   query_encoder = query_params = None
   if config.encoder.mode == 'finetune':
     bconf, query_params = hf_weights.load_bert(config.encoder.path,

@@ -48,3 +48,66 @@ def load_llm_tokenizer(tokenizer: str, llm_path: str) -> Any:
 
 def tokenizer_name(tok: Any) -> str:
   return f'{type(tok).__name__}:{getattr(tok, "name_or_path", "")}:{len(tok)}'
+
+
+def is_decoder_only_dir(path: str) -> bool:
+  """Whether a Hugging Face directory holds a decoder-only LM (config.json model_type)."""
+  import json
+  import os
+  file = os.path.join(path, 'config.json')
+  if not path or not os.path.exists(file):
+    return False
+  with open(file) as f:
+    return json.load(f).get('model_type', 't5') != 't5'
+
+
+class LlmEncoding:
+  """How LaMP text becomes the LLM's token ids, for training, evaluation and inference alike.
+
+  T5: input and output each tokenized with the tokenizer's special tokens (a closing </s>).
+  Decoder-only: the prompt is tokenizer(input) with its special tokens (BOS for Llama), or with
+  chat_template the tokenizer's chat template around the input as one user turn with the
+  generation prompt; the target is tokenizer(output) without special tokens, then EOS.
+  """
+
+  def __init__(self, tok: Any, decoder_only: bool, chat_template: bool = False,
+               source: str = 'config.llm.path'):
+    self.tok, self.decoder_only, self.chat_template = tok, decoder_only, chat_template
+    if chat_template and not decoder_only:
+      raise UserError('config.llm.chat_template=True is for decoder-only backbones; FlanT5 '
+                      'takes the plain input. Set it to False.')
+    if chat_template and not getattr(tok, 'chat_template', None):
+      raise UserError(f'{source}: config.llm.chat_template=True but its tokenizer has no chat '
+                      'template (tokenizer_config.json chat_template / chat_template.jinja). '
+                      'Use an instruction-tuned model directory, or set it to False.')
+    if decoder_only and getattr(tok, 'eos_token_id', None) is None:
+      raise UserError(f'{source}: its tokenizer has no EOS token, so targets cannot end and '
+                      'generation cannot stop. Use the model\'s own tokenizer files.')
+
+  def input_ids(self, text: str, max_length: int) -> list[int]:
+    """The prompt's ids, at most max_length of them."""
+    if not self.chat_template:
+      return self.tok(text, truncation=True, max_length=max_length)['input_ids']
+    wrap = lambda t: self.tok.apply_chat_template(
+        [{'role': 'user', 'content': t}], add_generation_prompt=True, tokenize=False)
+    ids = self.tok(wrap(text), add_special_tokens=False)['input_ids']
+    if len(ids) > max_length:  # cut the user's text, never the template around it
+      overhead = len(self.tok(wrap(''), add_special_tokens=False)['input_ids'])
+      content = self.tok(text, add_special_tokens=False)['input_ids']
+      keep = self.tok.decode(content[:max(0, max_length - overhead)])
+      ids = self.tok(wrap(keep), add_special_tokens=False)['input_ids'][:max_length]
+    return ids
+
+  def target_ids(self, text: str, max_length: int) -> list[int]:
+    """The target's ids (EOS-terminated for decoder-only), at most max_length of them."""
+    if not self.decoder_only:
+      return self.tok(text, truncation=True, max_length=max_length)['input_ids']
+    ids = self.tok(text, add_special_tokens=False)['input_ids'][:max(0, max_length - 1)]
+    return ids + [self.tok.eos_token_id]
+
+
+def llm_encoding(config, tok: Any | None = None) -> LlmEncoding:
+  """The LlmEncoding of config.llm (its family from config.llm.path's config.json)."""
+  tok = tok if tok is not None else llm_tokenizer(config)
+  return LlmEncoding(tok, is_decoder_only_dir(config.llm.path),
+                     bool(config.llm.get('chat_template', False)), config.llm.path)

@@ -97,3 +97,38 @@ def save_tiny_decoder(path: str, model_type: str = 'llama', seed: int = 0, vocab
     head[eos_token_id] *= eos_boost
   model.save_pretrained(path)
   return model
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_byte_bpe_tokenizer(path: str, corpus: list[str], vocab_size: int = 300,
+                            bos: bool = True, eos: bool = True,
+                            chat_template: str | None = None) -> None:
+  """A tiny byte-level BPE (with merges) trained on `corpus`, saved beside a model's files.
+
+  transformers picks the tokenizer class from config.json's model_type (Qwen2Tokenizer for
+  qwen2), which needs a real byte-level BPE; bos=True adds <s> in front of every text, as
+  Llama's tokenizer does.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  specials = ['<unk>', '<s>', '</s>']
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(corpus, trainer)
+  if bos:
+    tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A $B',
+                                                       special_tokens=[('<s>', 1)])
+  kw = dict(bos_token='<s>', unk_token='<unk>')
+  if eos:
+    kw['eos_token'] = '</s>'
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+  if chat_template:
+    fast.chat_template = chat_template
+  fast.save_pretrained(path)

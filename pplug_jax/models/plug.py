@@ -3,7 +3,8 @@
     w_k = softmax_k(q . h_k) over real items      (q, h_k: normalised encoder embeddings)
     P   = persona_scale * sum_k w_k Proj(h_k)     Proj: Linear(de->dl) -> GELU -> Linear(dl->dl)
     I   = persona_scale / inst_divisor * MLP_I(v) v: a learned vector in encoder space
-    X   = [I; P; Emb(x)]                          the frozen T5 encoder's input embeddings
+    X   = [I; P; Emb(x)]                          the frozen LLM's input embeddings (T5's
+                                                  encoder; a decoder-only LM's prefix)
 
 A user with no history gets P = 0 (the reference returns NaN there).
 """
@@ -19,7 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from pplug_jax.models.layers import NEG_INF, Dense, param
-from pplug_jax.models import numerics, t5 as t5_lib
+from pplug_jax.models import backbone, numerics
 
 NUM_SOFT_TOKENS = 2
 
@@ -79,19 +80,19 @@ def persona_scale(config, embedding: Any) -> float:
   return float(norms(embedding))
 
 
-def make_plug(config, encoder_dim: int, llm_config: t5_lib.T5Config,
+def make_plug(config, encoder_dim: int, llm_config: backbone.LlmConfig,
               embedding: Any) -> PersonaPlug:
-  """The plug for a backbone, with `persona_scale(config, embedding)`."""
+  """The plug for a backbone (any family), with `persona_scale(config, embedding)`."""
   scale = persona_scale(config, embedding)
   return PersonaPlug(encoder_dim, llm_config.d_model, float(scale),
                      float(scale) / config.plug.instruction_scale_divisor,
                      numerics.as_dtype(config.plug.dtype))
 
 
-def personalised_inputs(llm: t5_lib.T5, llm_params: dict, soft: jax.Array | None,
+def personalised_inputs(llm: backbone.Model, llm_params: dict, soft: jax.Array | None,
                         input_ids: jax.Array, input_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """[soft; Emb(x)] and its mask, which covers the soft tokens; soft=None gives Emb(x) alone."""
-  embedded = llm.apply({'params': llm_params}, input_ids, method=t5_lib.T5.embed)
+  embedded = backbone.embed(llm, llm_params, input_ids)
   if soft is None:
     return embedded, input_mask
   b = input_ids.shape[0]
@@ -100,13 +101,11 @@ def personalised_inputs(llm: t5_lib.T5, llm_params: dict, soft: jax.Array | None
   return embedded, mask
 
 
-def sequence_nll(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array, mask: jax.Array,
+def sequence_nll(llm: backbone.Model, llm_params: dict, embedded: jax.Array, mask: jax.Array,
                  target_ids: jax.Array, target_mask: jax.Array,
                  rngs: dict | None = None) -> jax.Array:
-  """Mean token NLL of the targets under the (frozen) encoder-decoder; rngs: its dropout."""
-  dec_in = t5_lib.shift_right(target_ids, llm.config.decoder_start_token_id)
-  logits = llm.apply({'params': llm_params}, embedded, mask, dec_in, rngs=rngs)
-  return t5_lib.token_nll(logits, target_ids, target_mask)
+  """Mean token NLL of the targets after the input embeddings under the frozen backbone."""
+  return backbone.target_nll(llm, llm_params, embedded, mask, target_ids, target_mask, rngs)
 
 
 def count_params(tree) -> int:
