@@ -105,6 +105,7 @@ def get_config(arg=None):
   c.data.input_buckets = ()     # input-length bounds by hand; () = from the data (README)
   c.data.target_buckets = ()    # target-length bounds by hand; () = from the data
   c.data.max_history = 512
+  c.data.history_cap = 0        # > 0: batches keep only the most recent N of the records' items
   c.data.history_order = 'date'  # 'date': the most recent by date | 'file': the last in the file
   c.data.item_max_length = 512  # encoder tokens per profile item
   c.data.query_max_length = 512
@@ -140,6 +141,12 @@ def get_config(arg=None):
   c.plug.dtype = 'float32'
   c.plug.retrieval = ''         # '' | 'bm25' | 'recency': PPlug + retrieval (the paper's Table 3)
   c.plug.retrieval_k = 1        # items in the LaMP prompt the soft tokens are prepended to
+  # Variants (README "Ablations and variants"); the defaults are the paper's PPlug.
+  c.plug.pooling = 'attention'  # 'attention' (input-aware) | 'mean': uniform over the items
+  c.plug.instruction = True     # False: no instruction token, the persona(s) alone
+  c.plug.num_persona_tokens = 1  # K personas, each from its own query (q + a learned offset)
+  c.plug.time_decay = 'none'    # 'learned': scores q . h - lambda * age (days; needs item dates)
+  c.plug.time_decay_init = 1e-3  # lambda's starting value, per day of age (>= 0)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4

@@ -146,9 +146,9 @@ def abstract_system(config, mesh: Mesh) -> system_lib.System:
   bert_config = encoder_config_for(config)
   llm_params = _abstract_sharded(hf_weights.t5_abstract_params(llm_config), mesh, rules)
   scale = config.plug.persona_scale if config.plug.persona_scale > 0 else 540.0
-  plug = plug_lib.PersonaPlug(bert_config.hidden_size, llm_config.d_model, scale,
-                              scale / config.plug.instruction_scale_divisor,
-                              numerics.as_dtype(config.plug.dtype))
+  plug = plug_lib.build_plug(config.plug, bert_config.hidden_size, llm_config.d_model, scale,
+                             scale / config.plug.instruction_scale_divisor,
+                             numerics.as_dtype(config.plug.dtype))
   query_encoder = query_params = None
   if config.encoder.mode == 'finetune':
     query_encoder = bert_lib.Bert(bert_config)
@@ -198,7 +198,8 @@ def train_step_flops(system: system_lib.System, config) -> float:
   """
   c = system.llm.config
   d = config.data
-  fwd = _t5_forward_flops(c, d.max_input_length + plug_lib.NUM_SOFT_TOKENS, d.max_target_length)
+  fwd = _t5_forward_flops(c, d.max_input_length + plug_lib.num_soft_tokens(config.plug),
+                          d.max_target_length)
   llm = fwd * (3 if c.remat_policy != 'none' else 2)
   de, dl = system.encoder_dim, c.d_model
   plug = 3 * 2.0 * d.max_history * (de * dl + dl * dl)
@@ -214,7 +215,7 @@ def generate_flops(system: system_lib.System, config, batch: int) -> float:
   """
   c = system.llm.config
   e = config.eval
-  enc_len = config.data.max_input_length + plug_lib.NUM_SOFT_TOKENS
+  enc_len = config.data.max_input_length + plug_lib.num_soft_tokens(config.plug)
   inner = c.num_heads * c.d_kv
   ff = (3 if c.gated else 2) * c.d_model * c.d_ff
   encoder = _t5_forward_flops(dataclasses.replace(c, num_decoder_layers=0), enc_len, 0)

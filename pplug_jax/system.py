@@ -36,8 +36,9 @@ class System:
   def init_trainable(self, seed: int) -> dict:
     """Fresh trainable params: the plug, plus the input encoder when it is fine-tuned."""
     d = self.encoder_dim
+    age = jnp.zeros((1, 1)) if self.plug.uses_dates else None
     plug_params = self.plug.init(jax.random.PRNGKey(seed), jnp.zeros((1, d)),
-                                 jnp.zeros((1, 1, d)), jnp.ones((1, 1)))['params']
+                                 jnp.zeros((1, 1, d)), jnp.ones((1, 1)), age)['params']
     plug_params = nn.meta.unbox(plug_params)
     out = {'plug': plug_params}
     if self.query_encoder is not None:
@@ -54,15 +55,16 @@ class System:
 
   def soft_tokens(self, trainable: dict, batch: Batch,
                   rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """[I; P] for a batch, and the history attention weights; rng turns on dropout."""
+    """[I; P_1..P_K] for a batch, and the history attention weights; rng turns on dropout."""
     if self.query_encoder is None:
       query = batch['query_embedding']
     else:
       query = self.query_encoder.apply({'params': trainable['query_encoder']},
                                        batch['query_encoder_ids'], batch['query_encoder_mask'],
                                        method=bert_lib.Bert.embed_text, rngs=_dropout_rngs(rng, 0))
+    age = batch['history_age'] if self.plug.uses_dates else None  # time-aware plugs only
     return self.plug.apply({'params': trainable['plug']}, query, batch['history'],
-                           batch['history_mask'])
+                           batch['history_mask'], age)
 
   def encoder_inputs(self, trainable: dict | None, llm_params: dict, batch: Batch,
                      persona: bool = True,
@@ -71,8 +73,8 @@ class System:
     soft = None
     if trainable is not None:
       soft, _ = self.soft_tokens(trainable, batch, rng)
-      if not persona:  # ablation: keep the instruction token, zero the persona
-        soft = soft.at[:, 1].set(0.0)
+      if not persona:  # ablation: keep the instruction token, zero the persona(s)
+        soft = soft.at[:, int(self.plug.instruction):].set(0.0)
     return plug_lib.personalised_inputs(self.llm, llm_params, soft, batch['input_ids'],
                                         batch['input_mask'])
 

@@ -16,7 +16,7 @@ from pplug_jax import partitioning
 from pplug_jax.baselines.retrieval import METHODS as RETRIEVAL_METHODS
 from pplug_jax.data import buckets, lamp, records
 from pplug_jax.errors import ConfigError
-from pplug_jax.models import bert, numerics, t5
+from pplug_jax.models import bert, numerics, plug as plug_lib, t5
 
 ENCODER_MODES = ('frozen', 'finetune')
 EMBEDDING_DTYPES = ('float32', 'float16')
@@ -61,6 +61,7 @@ def _problems_of_values(c) -> list[str]:
   need(c.data.augment_copies >= 0, 'data.augment_copies', 'must be >= 0 (0 = off)')
   need(0 <= c.data.augment_max_drop < 1, 'data.augment_max_drop', 'must be in [0, 1)')
   need(c.data.prefetch >= 0, 'data.prefetch', 'must be >= 0')
+  need(c.data.get('history_cap', 0) >= 0, 'data.history_cap', 'must be >= 0 (0 = no cap)')
   need(c.data.num_streams >= 0, 'data.num_streams', 'must be >= 0 (0 = one per process)')
   one_of('data.embedding_dtype', EMBEDDING_DTYPES)
   one_of('data.bucketing', buckets.MODES)
@@ -78,6 +79,7 @@ def _problems_of_values(c) -> list[str]:
   need(c.plug.retrieval in PLUG_RETRIEVAL, 'plug.retrieval',
        f'use one of {list(PLUG_RETRIEVAL)} (\'\' = the plain input)')
   need(c.plug.retrieval_k >= 1, 'plug.retrieval_k', 'must be >= 1')
+  p.extend(_problems_of_plug_variant(c))
   one_of('optim.decay_mask', ('all', 'hf'))
   one_of('data.history_order', ('date', 'file'))
   one_of('data.query_source', ('input', 'truncated_input'))
@@ -112,6 +114,24 @@ def _problems_of_values(c) -> list[str]:
              f'{section}.grad_clip', f'{section}.checkpoint_every')
     need(0 <= c[section].warmup_frac < 1, f'{section}.warmup_frac', 'must be in [0, 1)')
     need(0 <= c[section].dropout < 1, f'{section}.dropout', 'must be in [0, 1)')
+  return p
+
+
+def _problems_of_plug_variant(c) -> list[str]:
+  """The plug-variant keys (models/plug.py): pooling, K, time decay."""
+  v, p = c.plug, []
+  if v.get('pooling', 'attention') not in plug_lib.POOLINGS:
+    p.append(f'config.plug.pooling={v.pooling!r}: use one of {list(plug_lib.POOLINGS)}.')
+  k = v.get('num_persona_tokens', 1)
+  if not isinstance(k, int) or k < 1:
+    p.append(f'config.plug.num_persona_tokens={k!r}: must be an integer >= 1.')
+  elif k > 1 and v.get('pooling', 'attention') == 'mean':
+    p.append(f'config.plug.num_persona_tokens={k}: several persona tokens need '
+             "config.plug.pooling='attention' (mean pooling would make them all the same).")
+  if v.get('time_decay', 'none') not in plug_lib.TIME_DECAYS:
+    p.append(f'config.plug.time_decay={v.time_decay!r}: use one of {list(plug_lib.TIME_DECAYS)}.')
+  if not v.get('time_decay_init', 0.0) >= 0:
+    p.append(f'config.plug.time_decay_init={v.time_decay_init!r}: must be >= 0.')
   return p
 
 
@@ -208,5 +228,38 @@ def check_splits(config, records_dir: str, need: tuple[str, ...] = ('train', 'de
       if not splits.get(split, {}).get('examples'):
         problems.append(f'{records_dir}: no {split} examples in these records; precompute them '
                         'from LaMP files that have a non-empty ' + split + ' split.')
+  if not problems and config.plug.get('time_decay', 'none') == 'learned':
+    problems += _problems_with_dates(config, records_dir, have_records)
   if problems:
     raise lamp.LampError('\n  '.join(problems))
+
+
+def _problems_with_dates(config, records_dir: str, have_records: bool) -> list[str]:
+  """Time-aware pooling needs dated profile items: none at all in train is refused."""
+  import tensorflow as tf
+  from pplug_jax.data import pipeline
+  parsed = lambda dates: bool(dates) and bool(pipeline.date_days(
+      tf.constant(dates, tf.string))[1].numpy().any())
+  if config.data.lamp_dir:
+    root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
+    source, _ = lamp.split_files(root, 'train')
+    dates = [str(item.get('date') or '') for q in lamp._load_json(source)
+             for item in (q.get('profile') or [])]
+    count, dated = len(dates), parsed(dates)
+  elif have_records:  # the dates alone, until the first that parses
+    source, count, dated = records_dir, 0, False
+    spec = {'history_dates': tf.io.VarLenFeature(tf.string)}
+    ds = tf.data.TFRecordDataset(records.split_shards(records_dir, 'train')).map(
+        lambda s: tf.sparse.to_dense(tf.io.parse_single_example(s, spec)['history_dates']))
+    for dates in ds.as_numpy_iterator():
+      count += len(dates)
+      if parsed([d.decode() for d in dates]):
+        dated = True
+        break
+  else:
+    return []
+  if dated:
+    return []
+  return [f"{source}: none of the {count} train profile items has a date that parses "
+          "(YYYY[-MM[-DD]]); config.plug.time_decay='learned' needs dated items: use "
+          "config.plug.time_decay='none' for this task."]

@@ -34,7 +34,51 @@ def _process_files(files: list[str], process_index: int, process_count: int,
   return files[process_index::process_count]
 
 
-FLOAT_FEATURES = ('history', 'query_embedding')
+FLOAT_FEATURES = ('history', 'query_embedding', 'history_age')
+
+
+def history_length(config) -> int:
+  """History rows of a batch: config.data.max_history, or the most recent history_cap of them
+  (an ablation over the same records; 0 = no cap)."""
+  cap = int(config.data.get('history_cap', 0))
+  return min(cap, config.data.max_history) if cap > 0 else config.data.max_history
+
+
+def uses_dates(config) -> bool:
+  """Whether batches carry `history_age` (a time-aware plug); the default batch does not."""
+  return config.plug.get('time_decay', 'none') == 'learned'
+
+
+# YYYY, YYYY-MM or YYYY-MM-DD ('/' also), then optionally a time: LaMP's date fields.
+_DATE_RE = r'\s*\d{4}([-/]\d{1,2}([-/]\d{1,2})?)?([ T].*)?'
+
+
+def date_days(dates: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Item date strings [n] -> (days since 1970-01-01 as float32 [n], parsed [n] bool).
+
+  A missing month or day is the first; a date in no known form does not parse.
+  """
+  ok = tf.strings.regex_full_match(dates, _DATE_RE)
+  safe = tf.where(ok, dates, '1970-01-01')
+  part = lambda pattern: tf.strings.to_number(
+      tf.strings.regex_replace(safe, pattern, r'0\1'), tf.int64)
+  y = part(r'^\s*(\d{4}).*$')
+  m = tf.maximum(part(r'^\s*\d{4}(?:[-/](\d{1,2}))?.*$'), 1)
+  d = tf.maximum(part(r'^\s*\d{4}(?:[-/]\d{1,2}(?:[-/](\d{1,2}))?)?.*$'), 1)
+  y = y - tf.cast(m <= 2, tf.int64)  # days from the civil date (H. Hinnant's algorithm)
+  era = tf.math.floordiv(y, 400)
+  yoe = y - era * 400
+  doy = tf.math.floordiv(153 * (m + tf.where(m > 2, tf.constant(-3, tf.int64), tf.constant(9, tf.int64))) + 2, 5) + d - 1
+  doe = yoe * 365 + tf.math.floordiv(yoe, 4) - tf.math.floordiv(yoe, 100) + doy
+  return tf.cast(era * 146097 + doe - 719468, tf.float32), ok
+
+
+def history_ages(dates: tf.Tensor) -> tf.Tensor:
+  """Item date strings [n] -> each item's age in days before the newest dated item [n];
+  an undated item takes the newest date (age 0), and so does every item when none is dated."""
+  days, ok = date_days(dates)
+  newest = tf.reduce_max(tf.where(ok, days, tf.float32.min))
+  return tf.where(ok, tf.maximum(newest - days, 0.0), 0.0)
 
 
 def is_float(feature: str) -> bool:
@@ -48,12 +92,16 @@ def shapes(config, dim: int, input_length: int | None = None,
   d = config.data
   li = input_length or d.max_input_length
   lt = target_length or d.max_target_length
-  return {
+  out = {
       'input_ids': (li,), 'input_mask': (li,), 'target_ids': (lt,), 'target_mask': (lt,),
       'query_embedding': (dim,),
       'query_encoder_ids': (d.query_max_length,), 'query_encoder_mask': (d.query_max_length,),
-      'history': (d.max_history, dim), 'history_mask': (d.max_history,), 'valid': (),
+      'history': (history_length(config), dim), 'history_mask': (history_length(config),),
+      'valid': (),
   }
+  if uses_dates(config):
+    out['history_age'] = (history_length(config),)
+  return out
 
 
 def _pad_1d(x: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -71,21 +119,23 @@ def pad_example(ex: dict[str, tf.Tensor], config, with_item_ids: bool = False,
   """
   d = config.data
   li, lt = shape or (d.max_input_length, d.max_target_length)
+  h = history_length(config)
+  recent = lambda x: x[-h:] if h > 0 else x[:0]
   out = {'id': ex['id'], 'target_text': ex['target_text']}
   if with_item_ids:
-    ids = ex['history_item_ids'][-d.max_history:] if d.max_history > 0 else \
-        ex['history_item_ids'][:0]
-    out['history_item_ids'] = tf.pad(ids, [[0, d.max_history - tf.shape(ids)[0]]])
+    ids = recent(ex['history_item_ids'])
+    out['history_item_ids'] = tf.pad(ids, [[0, h - tf.shape(ids)[0]]])
   out['input_ids'], out['input_mask'] = _pad_1d(ex['input_ids'], li)
   out['target_ids'], out['target_mask'] = _pad_1d(ex['target_ids'], lt)
   out['query_encoder_ids'], out['query_encoder_mask'] = _pad_1d(ex['query_encoder_ids'],
                                                                 d.query_max_length)
   out['query_embedding'] = ex['query_embedding']
-  hist = ex['history_embeddings'][-d.max_history:] if d.max_history > 0 else \
-      ex['history_embeddings'][:0]
+  hist = recent(ex['history_embeddings'])
   n = tf.shape(hist)[0]
-  out['history'] = tf.pad(hist, [[0, d.max_history - n], [0, 0]])
-  out['history_mask'] = tf.pad(tf.ones([n], tf.int32), [[0, d.max_history - n]])
+  out['history'] = tf.pad(hist, [[0, h - n], [0, 0]])
+  out['history_mask'] = tf.pad(tf.ones([n], tf.int32), [[0, h - n]])
+  if uses_dates(config):  # ages among the kept items, relative to the newest of them
+    out['history_age'] = tf.pad(history_ages(recent(ex['history_dates'])), [[0, h - n]])
   out['valid'] = tf.constant(1, tf.int32)
   return out
 
@@ -97,13 +147,17 @@ def drop_history_items(hist: tf.Tensor, seed: tf.Tensor, max_drop: float,
   at_least_one: the official code's `int(n * U(0, max_drop)) + 1` rows, so a copy always
   differs from its original.
   """
-  n = tf.shape(hist)[0]
+  return tf.gather(hist, kept_rows(tf.shape(hist)[0], seed, max_drop, at_least_one))
+
+
+def kept_rows(n: tf.Tensor, seed: tf.Tensor, max_drop: float,
+              at_least_one: bool = False) -> tf.Tensor:
+  """The sorted row indices `drop_history_items` keeps of n rows."""
   frac = tf.random.stateless_uniform([], seed, 0.0, max_drop)
   drop = tf.cast(tf.floor(frac * tf.cast(n, tf.float32)), tf.int32) + int(at_least_one)
   keep = tf.maximum(n - drop, 1)
   scores = tf.random.stateless_uniform([n], seed + tf.constant([0, 1], tf.int64))
-  idx = tf.sort(tf.math.top_k(scores, keep).indices)
-  return tf.gather(hist, idx)
+  return tf.sort(tf.math.top_k(scores, keep).indices)
 
 
 def _augment(copies: int, max_drop: float, seed: int, fixed: bool = False):
@@ -127,9 +181,11 @@ def _augment(copies: int, max_drop: float, seed: int, fixed: bool = False):
       pair = tf.stack([tf.constant(seed, tf.int64), index])
     hist = ex['history_embeddings']
     ex = dict(ex)
-    ex['history_embeddings'] = tf.cond(
-        copy > 0, lambda: drop_history_items(hist, pair, max_drop, at_least_one=fixed),
-        lambda: hist)
+    n = tf.shape(hist)[0]
+    rows = tf.cond(copy > 0, lambda: kept_rows(n, pair, max_drop, at_least_one=fixed),
+                   lambda: tf.range(n))
+    ex['history_embeddings'] = tf.gather(hist, rows)
+    ex['history_dates'] = tf.gather(ex['history_dates'], rows)  # each kept item keeps its date
     return ex
 
   return expand, apply
@@ -348,7 +404,7 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
              for k, s in shapes(config, dim, *shape).items()}
     blank['id'] = tf.constant(b'')
     blank['target_text'] = tf.constant(b'')
-    blank['history_item_ids'] = tf.fill([config.data.max_history], b'')
+    blank['history_item_ids'] = tf.fill([history_length(config)], b'')
     filler = batches[j] * local_batch_size - int(per_bucket[this_process, j])
     part = part.concatenate(tf.data.Dataset.from_tensors(blank).repeat(filler))
     part = part.batch(local_batch_size, drop_remainder=True)
