@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import Any, Callable, Sequence
@@ -188,7 +189,20 @@ def parse_outputs(path: str, spec: TaskSpec) -> dict[str, str]:
     if gid in out:
       raise LampError(f'{path}: example id {gid}: duplicated id.')
     out[gid] = _str_field(g, 'output', f'{path}: example id {gid}')
+    if spec.kind == 'regression':
+      _check_number(out[gid], f'{path}: example id {gid}', spec)
   return out
+
+
+def _check_number(value: str, where: str, spec: TaskSpec) -> None:
+  """A regression gold (LaMP-3's rating) must be a finite number: the metrics take its float."""
+  try:
+    ok = math.isfinite(float(value))
+  except ValueError:
+    ok = False
+  if not ok:
+    raise LampError(f'{where}: output {value!r} is not a number; {spec.name} golds are ratings '
+                    f'({", ".join(spec.labels)}). Fix the file or re-download it.')
 
 
 def load_split(lamp_dir: str, task: str, split: str, split_type: str = 'user') -> list[Example]:

@@ -47,16 +47,23 @@ class CheckpointError(UserError):
   """A model directory that cannot be loaded; the message says what to do."""
 
 
-def _conversion_hint(path: str) -> str:
-  """The one-off command (it needs torch: pip install torch) that writes safetensors."""
+def _conversion_hint(path: str, headless: bool = False) -> str:
+  """The one-off command (it needs torch: pip install torch) that writes safetensors.
+
+  headless: `path` has no LM head (saved as T5Model), so the command must read the original
+  checkpoint, never `path` itself: from_pretrained would fill the missing head and load silently.
+  """
   try:
     model_type = read_hf_config(path).get('model_type')
   except CheckpointError:
     model_type = None
   # T5ForConditionalGeneration keeps FlanT5's own lm_head; AutoModel would drop it.
-  cls = 'T5ForConditionalGeneration' if model_type == 't5' else 'AutoModel'
+  cls = 'T5ForConditionalGeneration' if model_type == 't5' or headless else 'AutoModel'
+  src = 'ORIGINAL' if headless else path
+  where = (' (ORIGINAL: the original FlanT5 directory or Hub id, e.g. google/flan-t5-xxl; '
+           'never this directory)' if headless else '')
   return (f'Convert once (this needs torch: pip install torch) with: python -c "from transformers '
-          f"import {cls}; {cls}.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" "
+          f"import {cls}; {cls}.from_pretrained('{src}').save_pretrained('{path}-safetensors')\"{where} "
           'then copy the tokenizer files there too and point the config at it.')
 
 
@@ -325,9 +332,10 @@ def _tied_embeddings(path: str, hf: dict[str, Any], ckpt: SafetensorsDir) -> boo
     why = ('config.json says tie_word_embeddings=false' if not headless else
            f'it was saved as {headless[0]}, without an LM head')
     raise CheckpointError(f'{path}: no lm_head.weight, but {why}: the model would silently '
-                          'use the embedding table as its LM head. Re-download the model, or '
-                          'convert the original checkpoint with T5ForConditionalGeneration. '
-                          + _conversion_hint(path))
+                          'use the embedding table as its LM head. No conversion of this '
+                          'directory can restore the head: use the original checkpoint (e.g. '
+                          'the Hub\'s google/flan-t5-xxl) as downloaded, or convert that '
+                          'original one. ' + _conversion_hint(path, headless=True))
   return True
 
 
