@@ -125,7 +125,8 @@ def test_one_set_of_outputs_and_uneven_shards(runs):
   assert len(counts) == 3 and counts[0] + counts[2] != counts[1]  # p0: shards 0, 2; p1: shard 1
   assert len(glob.glob(os.path.join(straight, 'tensorboard', '*tfevents*'))) == 1
   assert sorted(os.listdir(os.path.join(straight, 'records'))) == sorted(
-      ['metadata.json'] + [f'{s}.tfrecord-0000{i}-of-00003' for s in ('train', 'dev', 'test')
+      ['.lock', 'metadata.json', 'used_by.json'] +  # the records lock, the runs that use them
+      [f'{s}.tfrecord-0000{i}-of-00003' for s in ('train', 'dev', 'test')
                            for i in range(3)])
 
 
