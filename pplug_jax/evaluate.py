@@ -17,7 +17,8 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pplug_jax import checkpoints, cli, fileio, generation, partitioning, system as system_lib
+from pplug_jax import (checkpoints, cli, fileio, generation, partitioning, precompute,
+                       system as system_lib)
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
 from pplug_jax.workdir_lock import held
@@ -25,8 +26,13 @@ from pplug_jax.workdir_lock import held
 
 def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> dict[str, Any]:
   """Runs generation on `split` with the `which` checkpoint; returns metrics (may be empty)."""
-  trainable, step = checkpoints.load_params(workdir, which)
   records_path = records.records_dir(config, workdir)
+  precompute.verify_records(config, records_path, advice=(
+      'evaluate scores the records, not the files: make records of the current files in a new '
+      'folder (python -m pplug_jax.precompute --config CFG --config.data.records_dir=NEW) and '
+      f'evaluate on them (python -m pplug_jax.evaluate --workdir {workdir} --config CFG '
+      '--config.data.records_dir=NEW).'))
+  trainable, step = checkpoints.load_params(workdir, which)
   meta = records.read_metadata(records_path)
   if split not in meta['splits']:
     raise RecordsError(f'{records_path}: no {split} records; precompute found '

@@ -32,6 +32,7 @@ from pplug_jax.errors import UserError
 from pplug_jax.models import bert as bert_lib, hf_weights, plug as plug_lib
 from pplug_jax.workdir_lock import held
 
+FORMAT = 'pplug_jax.plug/2'  # /2: the whole training config is recorded (features.build)
 PLUG_FILE = 'plug.safetensors'
 CONFIG_FILE = 'plug_config.json'
 REFERENCE_FILE = 'pplug_reference.safetensors'
@@ -100,7 +101,7 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
   check_out(workdir, out, overwrite)
   config = config or checkpoints.load_config(workdir)
   trainable, step = checkpoints.load_params(workdir, which)
-  llm_config = hf_weights.load_t5_config(config.llm.path)
+  llm_hf = hf_weights.read_hf_config(config.llm.path)
   meta = records.read_metadata(records.records_dir(config, workdir))
   # the scale the plug was trained with (derived from the backbone unless set in the config)
   scale = plug_lib.persona_scale(config, hf_weights.embedding_table(config.llm.path))
@@ -121,9 +122,11 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
                          trainable['query_encoder'])
   fingerprint = meta['fingerprint']
   plug_config = {
-      'format': 'pplug_jax.plug/1', 'task': config.task, 'step': step, 'dev_metrics': metrics,
+      'format': FORMAT, 'task': config.task, 'step': step, 'dev_metrics': metrics,
       'llm': {'name': config.llm.name, 'path': config.llm.path, 'tokenizer': config.llm.tokenizer,
-              'd_model': llm_config.d_model, 'dtype': config.llm.dtype,
+              'family': system_lib.llm_family(config.llm.path),
+              'd_model': int(llm_hf.get('d_model') or llm_hf['hidden_size']),
+              'dtype': config.llm.dtype,
               'vocab_limit': system_lib.vocab_limit(config)},
       'encoder': {'name': config.encoder.name, 'path': config.encoder.path,
                   'dim': fingerprint['dim'],
@@ -131,7 +134,7 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
                   'query_prefix': config.encoder.query_prefix, 'mode': config.encoder.mode},
       'persona_scale': scale,
       'instruction_scale': scale / config.plug.instruction_scale_divisor,
-      'num_soft_tokens': plug_lib.NUM_SOFT_TOKENS,
+      'num_soft_tokens': plug_lib.num_soft_tokens(config.plug),
       'data': {'max_input_length': config.data.max_input_length,
                'max_history': config.data.max_history,
                'item_max_length': config.data.item_max_length,
@@ -141,6 +144,10 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
                      'early_stopping': config.eval.early_stopping,
                      'max_new_tokens': config.eval.max_new_tokens},
   }
+  # Every setting the example features depend on (features.build: query_source, retrieval,
+  # history order and size, lengths, chat template, ...): the training config, whole.
+  plug_config['config'] = json.loads(config.to_json_best_effort())
+  plug_config['records_fingerprint'] = fingerprint
   plug_config['source_workdir'] = os.path.abspath(workdir)  # "an earlier export of this run"
   fileio.write_json(os.path.join(out, CONFIG_FILE), plug_config)
   written = [os.path.join(out, PLUG_FILE)]
@@ -163,9 +170,14 @@ def load_export(path: str) -> tuple[dict[str, Any], dict]:
                             'make one with python -m pplug_jax.export --workdir DIR --out ' + path)
   with open(cfg_file) as f:
     plug_config = json.load(f)
-  if plug_config.get('format') != 'pplug_jax.plug/1':
-    raise UserError(f'{cfg_file}: unknown format {plug_config.get("format")!r}; re-export it '
-                    'with python -m pplug_jax.export.')
+  if plug_config.get('format') == 'pplug_jax.plug/1':
+    raise UserError(f'{cfg_file}: an export from before pplug_jax recorded the input settings '
+                    '(query source, PPlug + retrieval, history order, plug variant); served '
+                    'with guessed ones its outputs would differ from evaluate\'s. Export it '
+                    f'again: python -m pplug_jax.export --workdir {plug_config.get("source_workdir", "DIR")} --out NEW_DIR.')
+  if plug_config.get('format') != FORMAT or not isinstance(plug_config.get('config'), dict):
+    raise UserError(f'{cfg_file}: unknown format {plug_config.get("format")!r} or no recorded '
+                    'config; export it again with python -m pplug_jax.export.')
   flat = load_file(plug_file)
   tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
   if 'plug' not in tree:

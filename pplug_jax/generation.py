@@ -50,6 +50,24 @@ def decode_tokens(llm: backbone.Model, llm_params: dict, embedded: jax.Array, ma
   return tokens
 
 
+def personalised_decode(system: System, settings: GenerationSettings, trainable: dict | None,
+                        llm_params: dict, batch: dict, persona: bool = True):
+  """(tokens, history weights, (input embeddings, mask)) of a batch: what evaluation and the
+  inference API both run; trainable=None is the plain frozen model."""
+  embedded, mask = system.encoder_inputs(trainable, llm_params, batch, persona=persona)
+  tokens = decode_tokens(system.llm, llm_params, embedded, mask, settings)
+  if trainable is None:
+    weights = jnp.zeros(batch['history_mask'].shape, jnp.float32)
+  else:
+    _, weights = system.soft_tokens(trainable, batch)
+  return tokens, weights, (embedded, mask)
+
+
+def decode_texts(tokenizer, tokens: np.ndarray) -> list[str]:
+  """Generated token rows -> output texts, special tokens dropped and stripped."""
+  return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
 class SplitGenerator:
   """Generates over record splits for one system; each variant (plug, persona) compiles once."""
 
@@ -73,13 +91,9 @@ class SplitGenerator:
       system, settings = self.system, self.settings
 
       def fn(trainable, llm_params, batch):
-        embedded, mask = system.encoder_inputs(trainable, llm_params, batch, persona=persona)
-        tokens = decode_tokens(system.llm, llm_params, embedded, mask, settings)
+        tokens, weights, (embedded, mask) = personalised_decode(system, settings, trainable,
+                                                                llm_params, batch, persona)
         nll = system.loss_from_inputs(llm_params, embedded, mask, batch)
-        if trainable is None:
-          weights = jnp.zeros(batch['history_mask'].shape, jnp.float32)
-        else:
-          _, weights = system.soft_tokens(trainable, batch)
         return tokens, nll, weights
 
       self._fns[persona] = jax.jit(fn)
@@ -105,8 +119,7 @@ class SplitGenerator:
         break
       tokens, nll, weights = gen(trainable, self.system.llm_params,
                                  pipeline.to_global(batch, mesh, rules))
-      texts = self.tokenizer.batch_decode(pipeline.to_local(tokens, mesh, rules),
-                                          skip_special_tokens=True)
+      texts = decode_texts(self.tokenizer, pipeline.to_local(tokens, mesh, rules))
       weights = pipeline.to_local(weights, mesh, rules)
       n_tok = int((batch['target_mask'] * batch['valid'][:, None]).sum())
       nll_sum += float(nll) * n_tok
@@ -116,7 +129,7 @@ class SplitGenerator:
         if not ok:
           continue
         eid = eid.decode()
-        preds[eid], refs[eid] = text.strip(), ref.decode()
+        preds[eid], refs[eid] = text, ref.decode()
         if explain_top_k > 0:
           top = np.argsort(-weights[row])[:explain_top_k]
           explain[eid] = [{'item_id': batch['history_item_ids'][row, j].decode(),

@@ -22,14 +22,12 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pplug_jax import cli, fileio, partitioning, tokenizers
+from pplug_jax import cli, features, fileio, partitioning, tokenizers
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
 from pplug_jax.models import hf_weights
 from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.workdir_lock import records_lock
-
-
 
 
 def fingerprint(config) -> dict[str, Any]:
@@ -71,8 +69,10 @@ _HOW_TO_PROCEED = ('Use a new config.data.records_dir, or pass --config.data.reb
                    'to delete these records and make them again.')
 
 
-def verify_records(config, out_dir: str, current: dict[str, Any] | None = None) -> dict[str, Any]:
-  """The records' metadata, if they were made from these settings and input files; else raises.
+def verify_records(config, out_dir: str, current: dict[str, Any] | None = None,
+                   advice: str = _HOW_TO_PROCEED) -> dict[str, Any]:
+  """The records' metadata, if they were made from these settings and input files; else raises
+  a RecordsError ending with `advice` (what the calling command's user should do).
 
   Returns {} when `out_dir` holds no records yet.
   """
@@ -86,7 +86,7 @@ def verify_records(config, out_dir: str, current: dict[str, Any] | None = None) 
   if changed:
     what = '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items()))
     raise RecordsError(f'{out_dir}: these records were made with other settings ({what}). '
-                       + _HOW_TO_PROCEED)
+                       + advice)
   if config.data.lamp_dir:
     root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
     for split, info in meta.get('splits', {}).items():
@@ -96,7 +96,7 @@ def verify_records(config, out_dir: str, current: dict[str, Any] | None = None) 
         continue  # a split no longer there is simply not used
       if fileio.sha256_of(list(files)) != info['sha256']:
         raise RecordsError(f'{out_dir}: the {split} records were made from other input files '
-                           f'({files[0]} or its outputs file changed since). ' + _HOW_TO_PROCEED)
+                           f'({files[0]} or its outputs file changed since). ' + advice)
   return meta
 
 
@@ -109,62 +109,45 @@ def delete_records(out_dir: str) -> int:
   return len(names)
 
 
-def _history(example: lamp.Example, config):
-  return lamp.recent_history(example.profile, config.data.max_history, config.data.history_order)
+def _shard_features(config, examples: list[lamp.Example], llm_tok,
+                    raw: dict[str, dict] | None) -> list[features.Features]:
+  """Each example's features (the same function as the inference API's)."""
+  return [features.build(config, ex, llm_tok, raw[ex.id]['profile'] if raw else None)
+          for ex in examples]
 
 
-def _query_text(config, example: lamp.Example, llm_tok) -> str:
-  """The text whose embedding steers the history attention.
-
-  data.query_source='input': the task's query from the whole input. 'truncated_input' (the
-  official code): decode(encode(input)[:max_input_length][:-1]), then its query rule.
-  """
-  if config.data.query_source == 'input':
-    return example.query
-  ids = llm_tok(example.input)['input_ids'][:config.data.max_input_length][:-1]
-  return lamp.official_query(config.task, llm_tok.decode(ids))
+def _raw_questions(config, split: str) -> dict[str, dict] | None:
+  """{id: question dict} when the features need every profile field (PPlug + retrieval)."""
+  if not features.needs_profile_fields(config):
+    return None
+  from pplug_jax.baselines.runner import raw_questions
+  qfile, questions, _ = raw_questions(config, split)
+  features.check_profile_fields(config, qfile, questions)
+  return {str(q['id']): q for q in questions}
 
 
-def _encode_shard(examples: list[lamp.Example], encoder: TextEncoder, config, llm_tok,
-                  stats: dict[str, int]) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-  """Embeddings of the shard's unique history texts, keyed by text, and of its queries.
-
-  Items are keyed by their text, not their id: ids need only be unique within a user (other
-  datasets number each user's items from 0), and the same text has the same embedding anyway.
-  """
-  texts: dict[str, None] = {}
+def _count_reused_ids(feats: list[features.Features], stats: dict[str, int]) -> None:
+  """Items are keyed by their text, not their id: ids need only be unique within a user (other
+  datasets number each user's items from 0), and the same text has the same embedding anyway."""
   first_text: dict[str, str] = {}
-  for ex in examples:
-    for item in _history(ex, config):
+  for f in feats:
+    for item in f.history:
       if first_text.setdefault(item.id, item.text) != item.text:
         stats['item_ids_reused_with_other_text'] += 1
-      texts.setdefault(item.text)
-  unique = list(texts)
-  item_emb = encoder.encode(unique, progress='history items')
-  queries = [config.encoder.query_prefix + _query_text(config, ex, llm_tok) for ex in examples]
-  query_emb = encoder.encode(queries, progress='queries', max_length=config.data.query_max_length)
-  stats['items_encoded'] += len(unique) + len(queries)
-  return dict(zip(unique, item_emb)), query_emb, queries
 
 
-def _llm_inputs(config, split: str, examples: list[lamp.Example], llm_tok) -> list[str]:
-  """The LLM input text of each example: the plain input, or with config.plug.retrieval the
-  LaMP prompt of its top retrieval_k profile items (PPlug + retrieval), within the input limit."""
-  if not config.plug.retrieval:
-    return [ex.input for ex in examples]
-  from pplug_jax.baselines import rag_prompt, rank_profile
-  from pplug_jax.baselines.runner import check_fields, raw_questions
-  qfile, questions, _ = raw_questions(config, split)
-  check_fields(config.task, qfile, questions, config.plug.retrieval)
-  by_id = {str(q['id']): q for q in questions}
-  out = []
-  for ex in examples:
-    profile = by_id[ex.id]['profile']
-    items = rank_profile(config.task, ex.input, profile, config.plug.retrieval,
-                         config.plug.retrieval_k, seed=config.seed) if profile else []
-    out.append(rag_prompt(config.task, ex.input, items, llm_tok, config.data.max_input_length)
-               if items else ex.input)
-  return out
+def check_llm_weights(config, required: bool) -> None:
+  """The LLM's weight files are readable safetensors (headers, sizes) and of a supported
+  family: checked in seconds, before the long encoding, not after it. Standalone precompute
+  needs only the tokenizer, so there (required=False) a folder without weights passes."""
+  path = config.llm.path
+  if not path or config.demo and not os.path.isdir(path):
+    return
+  names = os.listdir(path) if os.path.isdir(path) else []
+  if required or any(n.endswith(('.safetensors', '.bin', '.pt', '.pth')) for n in names):
+    hf_weights.SafetensorsDir(path)
+    from pplug_jax import system
+    system.llm_family(path)
 
 
 def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict[str, Any]:
@@ -211,7 +194,7 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
       logging.info('%s: no %s split, skipped.', root, split)
       continue
     examples = lamp.load_split(config.data.lamp_dir, spec.name, split, config.split_type)
-    llm_inputs = _llm_inputs(config, split, examples, llm_tok)
+    raw = _raw_questions(config, split)
     digest = fileio.sha256_of([qfile, ofile])
     n = config.data.num_shards
     parts = np.array_split(np.arange(len(examples)), n)
@@ -229,25 +212,14 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
       if stop_after_shards is not None and shards_done >= stop_after_shards:
         return meta
       shard_examples = [examples[i] for i in rows]
-      shard_inputs = [llm_inputs[i] for i in rows]
-      item_emb, query_emb, queries = _encode_shard(shard_examples, encoder, config, llm_tok,
-                                                   stats)
+      feats = _shard_features(config, shard_examples, llm_tok, raw)
+      _count_reused_ids(feats, stats)
+      item_emb, query_emb = features.encode(config, encoder, feats)
+      stats['items_encoded'] += len(item_emb) + len(query_emb)
       with tf.io.TFRecordWriter(path + '.tmp') as w:
-        for ex, text, query, q_emb in zip(shard_examples, shard_inputs, queries, query_emb):
-          hist = _history(ex, config)
-          h_emb = (np.stack([item_emb[i.text] for i in hist]) if hist else
-                   np.zeros((0, encoder.dim), np.float32))
-          w.write(records.serialize_example(
-              example_id=ex.id,
-              input_ids=encoding.input_ids(text, config.data.max_input_length),
-              target_ids=encoding.target_ids(ex.output, config.data.max_target_length)
-              if ex.output is not None else [],
-              target_text=ex.output or '',
-              query_embedding=q_emb,
-              query_encoder_ids=encoder.tokenize([query], config.data.query_max_length)[0],
-              history_embeddings=h_emb, history_dates=[i.date for i in hist],
-              history_item_ids=[i.id for i in hist],
-              embedding_dtype=config.data.embedding_dtype))
+        for ex, f, q_emb in zip(shard_examples, feats, query_emb):
+          w.write(features.serialize(config, ex.id, f, ex.output, encoding, encoder, item_emb,
+                                     q_emb))
       os.replace(path + '.tmp', path)
       shards_done += 1
       logging.info('%s: wrote %s (%d examples)', split, path, len(rows))
@@ -270,6 +242,7 @@ def main(argv):
   from pplug_jax import validation
   with cli.job('precompute', lambda c: validation.check_precompute_inputs(
       c, flags.FLAGS.workdir)) as config:
+    check_llm_weights(config, required=False)
     meta = run(config, flags.FLAGS.workdir)
   logging.info('precompute done: %s', meta.get('stats'))
   print(meta.get('stats'))

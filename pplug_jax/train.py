@@ -110,6 +110,7 @@ def prepare_records(config, workdir: str, records_path: str) -> dict[str, Any]:
       _rebuild(config, workdir, records_path, e)
   partitioning.sync('records checked')  # every process decides on the same files
   if not _records_complete(records_path):
+    precompute.check_llm_weights(config, required=True)  # before the long encoding
     logging.info('Precomputing encoder embeddings into %s', records_path)
     precompute.run(config, workdir)  # each process encodes its own shards
   if partitioning.is_main_process():

@@ -155,24 +155,30 @@ def parse_questions(path: str, spec: TaskSpec) -> list[Example]:
     if not isinstance(q, dict):
       raise LampError(f'{path}: entry #{n} is not an object.')
     qid = _str_field(q, 'id', f'{path}: entry #{n}')
-    where = f'{path}: example id {qid}'
     if qid in seen:
-      raise LampError(f'{where}: duplicated id.')
+      raise LampError(f'{path}: example id {qid}: duplicated id.')
     seen.add(qid)
-    text = _str_field(q, 'input', where)
-    profile = q.get('profile')
-    if not isinstance(profile, list):
-      raise LampError(f'{where}: missing field "profile" (a list; [] for a user with no history).')
-    items = []
-    for k, item in enumerate(profile):
-      iwhere = f'{where}, profile item #{k}'
-      if not isinstance(item, dict):
-        raise LampError(f'{iwhere}: not an object.')
-      iid = _str_field(item, 'id', iwhere)
-      parts = [_str_field(item, f, f'{where}, profile item {iid}') for f in spec.profile_fields]
-      items.append(ProfileItem(iid, ' '.join(parts), str(item.get('date') or '')))
-    examples.append(Example(qid, text, spec.query(text), tuple(items)))
+    examples.append(parse_question(q, spec, f'{path}: example id {qid}'))
   return examples
+
+
+def parse_question(q: dict, spec: TaskSpec, where: str) -> Example:
+  """One LaMP question ({id, input, profile: [{id, date?, <the task's fields>}]}), validated;
+  `where` names it in errors (file and id, or the API argument)."""
+  qid = _str_field(q, 'id', where)
+  text = _str_field(q, 'input', where)
+  profile = q.get('profile')
+  if not isinstance(profile, list):
+    raise LampError(f'{where}: missing field "profile" (a list; [] for a user with no history).')
+  items = []
+  for k, item in enumerate(profile):
+    iwhere = f'{where}, profile item #{k}'
+    if not isinstance(item, dict):
+      raise LampError(f'{iwhere}: not an object.')
+    iid = _str_field(item, 'id', iwhere)
+    parts = [_str_field(item, f, f'{where}, profile item {iid}') for f in spec.profile_fields]
+    items.append(ProfileItem(iid, ' '.join(parts), str(item.get('date') or '')))
+  return Example(qid, text, spec.query(text), tuple(items))
 
 
 def parse_outputs(path: str, spec: TaskSpec) -> dict[str, str]:

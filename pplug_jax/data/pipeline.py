@@ -412,6 +412,16 @@ def eval_batches(config, records_dir: str, split: str, local_batch_size: int,
   return sum(batches), _numpy(ds.prefetch(config.data.prefetch), mine)
 
 
+def batch_of_records(config, serialized: list[bytes], dim: int,
+                     shape: tuple[int, int]) -> Batch:
+  """One numpy batch of in-memory serialized records (the inference API's), parsed and padded
+  exactly as evaluation pads records read from disk."""
+  parse = records.parse_fn(dim, config.data.embedding_dtype)
+  ds = tf.data.Dataset.from_tensor_slices(tf.constant(serialized, tf.string)).map(parse).map(
+      lambda ex: pad_example(ex, config, with_item_ids=True, shape=shape))
+  return next(ds.batch(len(serialized)).as_numpy_iterator())
+
+
 def to_global(batch: Batch, mesh: jax.sharding.Mesh, rules,
               leading: int = 0) -> dict[str, jax.Array]:
   """Process-local numpy batch -> global jax.Arrays sharded on the batch axis (ids dropped).
