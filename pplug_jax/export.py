@@ -104,7 +104,9 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
   llm_hf = hf_weights.read_hf_config(config.llm.path)
   meta = records.read_metadata(records.records_dir(config, workdir))
   # the scale the plug was trained with (derived from the backbone unless set in the config)
-  scale = plug_lib.persona_scale(config, hf_weights.embedding_table(config.llm.path))
+  table = (hf_weights.embedding_table(config.llm.path) if llm_hf.get('model_type', 't5') == 't5'
+           else hf_weights.decoder_embedding_table(config.llm.path))
+  scale = plug_lib.persona_scale(config, table)  # as training derives it (every row)
   metrics = {}
   result_file = os.path.join(workdir, 'train_result.json')
   if os.path.exists(result_file):

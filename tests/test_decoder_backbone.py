@@ -140,3 +140,29 @@ def test_train_and_evaluate_end_to_end_on_a_tiny_llama(tiny_llama, lamp_dir, min
     src = examples[ex['id'].numpy().decode()]
     assert inp == tok(src.input, truncation=True, max_length=96)['input_ids'] and inp[0] == 1
     assert tgt == tok(src.output, add_special_tokens=False)['input_ids'][:7] + [2]
+  # served as trained: the exported plug through the inference API gives evaluate's outputs
+  from pplug_jax import export
+  from pplug_jax.inference import PersonaPlugGenerator
+  export.export(str(tmp_path / 'work'), str(tmp_path / 'plug'), config=config)
+  gen = PersonaPlugGenerator(path, str(minilm_path), str(tmp_path / 'plug'))
+  root = lamp.task_dir(lamp_dir, 'LaMP_2')
+  with open(lamp.split_files(root, 'dev')[0]) as f:
+    questions = json.load(f)
+  served = gen.generate([q['input'] for q in questions], profiles=[q['profile'] for q in questions])
+  expected = {g['id']: g['output'] for g in preds['golds']}
+  assert served == [expected[q['id']] for q in questions]
+
+
+def test_a_plug_is_refused_with_a_base_model_of_another_family(tiny_llama, tiny_t5, lamp_dir,
+                                                              minilm_path, tmp_path):
+  from pplug_jax import export
+  from pplug_jax.inference import PersonaPlugGenerator
+  path, _ = tiny_llama
+  config = _config(tmp_path, lamp_dir, path, minilm_path)
+  config.optim.max_steps = 1
+  config.train.eval_every = 1000
+  config.train.checkpoint_every = 1
+  train.train_and_evaluate(config, str(tmp_path / 'work'))
+  export.export(str(tmp_path / 'work'), str(tmp_path / 'plug'), which='latest', config=config)
+  with pytest.raises(UserError, match='trained for a llama backbone .*is a t5 model'):
+    PersonaPlugGenerator(tiny_t5['v1.1'][0], str(minilm_path), str(tmp_path / 'plug'))

@@ -266,30 +266,3 @@ def test_evaluations_after_the_first_compile_nothing(demo_run):
   assert len(compiles) == after_first, compiles[after_first:]
   assert generator.jitted(True)._cache_size() == 1
   assert first['predictions'] == second['predictions'] and len(first['predictions']) == 80
-
-
-def test_reference_preset_trains_evaluates_and_exports_end_to_end(demo_run, tmp_path):
-  """configs/lamp.py:demo,reference: fine-tuned encoder with dropout, the official constants."""
-  from safetensors.numpy import load_file
-  from transformers import AutoModel
-  from pplug_jax import evaluate, export
-  src = demo_run[0]
-  work = tmp_path / 'ref'
-  os.makedirs(work)
-  shutil.copytree(src / 'demo', work / 'demo')
-  proc = subprocess.run([sys.executable, '-m', 'pplug_jax.train', '--config',
-                         'configs/lamp.py:demo,reference', f'--workdir={work}',
-                         '--config.demo_compare=False', '--config.optim.max_steps=12',
-                         '--config.train.eval_every=12', '--config.train.checkpoint_every=12'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  config = _demo_config(work)
-  assert config.encoder.mode == 'finetune' and config.llm.dropout_rate == 0.1
-  assert config.plug.persona_scale == 539.9738
-  metrics = evaluate.evaluate(config, str(work), 'dev', 'best')
-  assert metrics['count'] == 100
-  cfg = export.export(str(work), str(work / 'plug'), with_reference_names=True, config=config)
-  assert cfg['persona_scale'] == 539.9738 and cfg['instruction_scale'] == 539.9738 / 7
-  names = set(load_file(str(work / 'plug' / 'pplug_reference.safetensors')))
-  assert 'inst_token' in names and 'align_mlp.0.weight' in names
-  AutoModel.from_pretrained(str(work / 'plug' / 'query_encoder'))  # the official loader's call

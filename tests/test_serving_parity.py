@@ -1,6 +1,8 @@
 """What is trained is what is served: the inference API's greedy outputs equal evaluate's.
 
-For the default, `reference`, PPlug + BM25 and PPlug + recency plugs trained on the demo's data,
+For the default, `reference` (configs/lamp.py:demo,reference: fine-tuned encoder with dropout,
+the official constants; also exported with the reference names), PPlug + BM25 and PPlug +
+recency plugs trained on the demo's data,
 `PersonaPlugGenerator` given each dev user's LaMP profile items reproduces `evaluate`'s
 prediction for every dev user, and the persona changes the outputs.
 """
@@ -19,7 +21,7 @@ from conftest import ROOT
 
 SETTINGS = {
     'default': ('configs/lamp.py:demo', []),
-    'reference': ('configs/lamp.py:demo,reference', []),
+    'reference': ('configs/lamp.py:demo,reference', ['--config.optim.max_steps=60']),
     'bm25': ('configs/lamp.py:demo', ['--config.plug.retrieval=bm25',
                                       '--config.plug.retrieval_k=1']),
     'recency': ('configs/lamp.py:demo', ['--config.plug.retrieval=recency',
@@ -33,7 +35,7 @@ def _train(src, workdir, config, flags):
   shutil.copytree(os.path.join(src, 'demo'), os.path.join(workdir, 'demo'))
   proc = subprocess.run(
       [sys.executable, '-m', 'pplug_jax.train', '--config', config, f'--workdir={workdir}',
-       '--config.optim.max_steps=150', '--config.train.eval_every=1000',
+       '--config.optim.max_steps=40', '--config.train.eval_every=1000',
        '--config.train.checkpoint_every=1000', '--config.demo_compare=False', *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,6 +46,17 @@ def _dev_questions(config):
   root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
   with open(lamp.split_files(root, 'dev')[0]) as f:
     return json.load(f)
+
+
+def _check_reference_export(config, cfg, out):
+  from safetensors.numpy import load_file
+  from transformers import AutoModel
+  assert config.encoder.mode == 'finetune' and config.llm.dropout_rate == 0.1
+  assert config.plug.persona_scale == 539.9738
+  assert cfg['persona_scale'] == 539.9738 and cfg['instruction_scale'] == 539.9738 / 7
+  names = set(load_file(os.path.join(out, 'pplug_reference.safetensors')))
+  assert 'inst_token' in names and 'align_mlp.0.weight' in names
+  AutoModel.from_pretrained(os.path.join(out, 'query_encoder'))  # the official loader's call
 
 
 @pytest.mark.parametrize('setting', list(SETTINGS))
@@ -61,7 +74,9 @@ def test_inference_api_equals_evaluate_on_every_dev_user(setting, demo_run, tmp_
   with open(os.path.join(workdir, 'predictions_dev.json')) as f:
     expected = {g['id']: g['output'] for g in json.load(f)['golds']}
   out = str(tmp_path / 'plug')
-  export.export(workdir, out)
+  cfg = export.export(workdir, out, with_reference_names=setting == 'reference')
+  if setting == 'reference':  # fine-tuned encoder with dropout, the official constants
+    _check_reference_export(config, cfg, out)
   gen = PersonaPlugGenerator(config.llm.path, config.encoder.path, out)
   questions = _dev_questions(config)
   assert len(questions) == len(expected) == 100
