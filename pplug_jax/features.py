@@ -104,13 +104,20 @@ def serialize(config, example_id: str, feats: Features, output: str | None, enco
       history_item_ids=[i.id for i in hist], embedding_dtype=d.embedding_dtype)
 
 
-def encode(config, encoder: Any, feats: Sequence[Features]
+def encode(config, encoder: Any, feats: Sequence[Features],
+           cache: dict[str, np.ndarray] | None = None, progress: bool = True
            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Embeddings of the unique history texts (keyed by text; items at data.item_max_length,
-  the encoder's own length) and of the queries (at data.query_max_length)."""
-  unique = list(dict.fromkeys(i.text for f in feats for i in f.history))
-  item_emb = encoder.encode(unique, progress='history items') if unique else \
-      np.zeros((0, encoder.dim), np.float32)
-  query_emb = encoder.encode([f.query for f in feats], progress='queries',
+  """Embeddings of the history texts (keyed by text; items at data.item_max_length, the
+  encoder's own length) and of the queries (at data.query_max_length).
+
+  With `cache` (text -> embedding, updated here) only texts not in it are encoded, and the
+  cache itself is returned as the item table.
+  """
+  table = {} if cache is None else cache
+  unique = list(dict.fromkeys(i.text for f in feats for i in f.history if i.text not in table))
+  if unique:
+    bar = 'history items' if progress else None
+    table.update(zip(unique, encoder.encode(unique, progress=bar)))
+  query_emb = encoder.encode([f.query for f in feats], progress='queries' if progress else None,
                              max_length=config.data.query_max_length)
-  return dict(zip(unique, item_emb)), query_emb
+  return table, query_emb

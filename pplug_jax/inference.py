@@ -133,8 +133,7 @@ class PersonaPlugGenerator:
   def needs_profiles(self) -> bool:
     """Whether this plug needs LaMP profile items, not texts: PPlug + retrieval builds its
     prompt from the items' fields, a time-aware plug reads their dates."""
-    return features.needs_profile_fields(self.config) or \
-        self.config.plug.get('time_decay', 'none') != 'none'
+    return features.needs_profile_fields(self.config) or pipeline.uses_dates(self.config)
 
   def add_history(self, user_id: str, history: History) -> int:
     """Adds a user's history items (texts or LaMP profile items; oldest first when undated);
@@ -227,10 +226,8 @@ class PersonaPlugGenerator:
   def _batch(self, feats: list[features.Features]) -> dict[str, jax.Array]:
     """The requests' records, made, parsed and padded as precompute and evaluation do."""
     config, d = self.config, self.config.data
-    new = list(dict.fromkeys(i.text for f in feats for i in f.history
-                             if i.text not in self._embeddings))
-    self._embeddings.update(zip(new, self.encoder.encode(new)))
-    query_emb = self.encoder.encode([f.query for f in feats], max_length=d.query_max_length)
+    _, query_emb = features.encode(config, self.encoder, feats, cache=self._embeddings,
+                                   progress=False)
     serialized = [features.serialize(config, str(i), f, None, self.encoding, self.encoder,
                                      self._embeddings, q)
                   for i, (f, q) in enumerate(zip(feats, query_emb))]
