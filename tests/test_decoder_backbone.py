@@ -151,6 +151,13 @@ def test_train_and_evaluate_end_to_end_on_a_tiny_llama(tiny_llama, lamp_dir, min
   served = gen.generate([q['input'] for q in questions], profiles=[q['profile'] for q in questions])
   expected = {g['id']: g['output'] for g in preds['golds']}
   assert served == [expected[q['id']] for q in questions]
+  # a user's LaMP items given in two parts serve as the whole profile; kinds do not mix
+  q = next(q for q in questions if len(q['profile']) > 1)
+  assert gen.add_history('u', q['profile'][:1]) == 1
+  assert gen.add_history('u', q['profile'][1:]) == len(q['profile'])
+  assert gen.generate([q['input']], user_ids=['u']) == [expected[q['id']]]
+  with pytest.raises(TypeError, match="user 'u' has dict items; add the same kind"):
+    gen.add_history('u', ['a text'])
 
 
 def test_a_plug_is_refused_with_a_base_model_of_another_family(tiny_llama, tiny_t5, lamp_dir,
