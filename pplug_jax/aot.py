@@ -27,28 +27,8 @@ from ml_collections import config_flags
 
 from pplug_jax import cli, fileio, generation, partitioning, system as system_lib, validation
 from pplug_jax.data import pipeline
-from pplug_jax.errors import ConfigError, UserError
-from pplug_jax.models import bert as bert_lib, hf_weights, numerics, plug as plug_lib, t5 as t5_lib
-
-# FlanT5 (T5 v1.1) shapes from the released config.json files.
-FLAN_T5 = {
-    'small': dict(d_model=512, d_ff=1024, num_heads=6, num_layers=8),
-    'base': dict(d_model=768, d_ff=2048, num_heads=12, num_layers=12),
-    'large': dict(d_model=1024, d_ff=2816, num_heads=16, num_layers=24),
-    'xl': dict(d_model=2048, d_ff=5120, num_heads=32, num_layers=24),
-    'xxl': dict(d_model=4096, d_ff=10240, num_heads=64, num_layers=24),
-}
-# BERT shapes of the encoders configs/lamp.py names.
-ENCODERS = {
-    'BAAI/bge-base-en-v1.5': dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                  intermediate_size=3072),
-    'facebook/contriever': dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                intermediate_size=3072),
-    'sentence-transformers/all-MiniLM-L6-v2': dict(hidden_size=384, num_hidden_layers=6,
-                                                   num_attention_heads=12,
-                                                   intermediate_size=1536),
-}
-
+from pplug_jax.errors import UserError
+from pplug_jax.models import backbone, decoder as decoder_lib, plug as plug_lib, t5 as t5_lib
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -97,66 +77,11 @@ def topology_devices(name: str) -> list[Any]:
                     'Use names like v4:2x2x1, v5e:2x4, v5p:2x2x1, v6e:2x4.') from None
 
 
-def llm_config_for(config) -> t5_lib.T5Config:
-  """The backbone's T5Config: from config.llm.path's config.json, else the FlanT5 table."""
-  overrides = dict(dtype=config.llm.dtype, param_dtype=config.llm.param_dtype,
-                   remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers,
-                   dropout_rate=config.llm.dropout_rate)
-  if config.llm.path and os.path.exists(os.path.join(config.llm.path, 'config.json')):
-    hf = hf_weights.read_hf_config(config.llm.path)
-    overrides['tie_word_embeddings'] = hf.get('tie_word_embeddings', True)
-    return t5_lib.T5Config.from_hf(hf, **overrides)
-  size = config.llm.name.rsplit('-', 1)[-1]
-  if size not in FLAN_T5:
-    raise ConfigError(f'config.llm.name={config.llm.name!r}: not a FlanT5 size the planner knows '
-                      f'({sorted(FLAN_T5)}); set config.llm.path to a directory with its '
-                      'config.json.')
-  s = FLAN_T5[size]
-  return t5_lib.T5Config(d_model=s['d_model'], d_ff=s['d_ff'], num_heads=s['num_heads'],
-                         num_encoder_layers=s['num_layers'], num_decoder_layers=s['num_layers'],
-                         **{k: (numerics.as_dtype(v) if 'dtype' in k else v)
-                            for k, v in overrides.items()})
-
-
-def encoder_config_for(config) -> bert_lib.BertConfig:
-  """The input encoder's BertConfig: from config.encoder.path, else the encoder table."""
-  if config.encoder.path and os.path.exists(os.path.join(config.encoder.path, 'config.json')):
-    return bert_lib.BertConfig.from_hf(hf_weights.read_hf_config(config.encoder.path),
-                                       pooling=config.encoder.pooling,
-                                       dropout_rate=config.encoder.dropout_rate)
-  if config.encoder.name not in ENCODERS:
-    raise ConfigError(f'config.encoder.name={config.encoder.name!r}: unknown to the planner; set '
-                      'config.encoder.path to a directory with its config.json.')
-  return bert_lib.BertConfig(pooling=config.encoder.pooling,
-                             dropout_rate=config.encoder.dropout_rate,
-                             **ENCODERS[config.encoder.name])
-
-
-def _abstract_sharded(boxed: Any, mesh: Mesh, rules) -> Any:
-  shardings = partitioning.logical_shardings(boxed, mesh, rules)
-  from flax import linen as nn
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.meta.unbox(boxed), shardings)
-
-
 def abstract_system(config, mesh: Mesh) -> system_lib.System:
-  """A System whose frozen parameters are ShapeDtypeStructs placed on `mesh`: no weights."""
-  rules = tuple(config.logical_axis_rules)
-  llm_config = llm_config_for(config)
-  bert_config = encoder_config_for(config)
-  llm_params = _abstract_sharded(hf_weights.t5_abstract_params(llm_config), mesh, rules)
-  scale = config.plug.persona_scale if config.plug.persona_scale > 0 else 540.0
-  plug = plug_lib.build_plug(config.plug, bert_config.hidden_size, llm_config.d_model, scale,
-                             scale / config.plug.instruction_scale_divisor,
-                             numerics.as_dtype(config.plug.dtype))
-  query_encoder = query_params = None
-  if config.encoder.mode == 'finetune':
-    query_encoder = bert_lib.Bert(bert_config)
-    query_params = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-        hf_weights.bert_abstract_params(bert_config, boxed=False))
-  return system_lib.System(mesh, rules, t5_lib.T5(llm_config), llm_params, plug,
-                           bert_config.hidden_size, query_encoder, query_params)
+  """The training loader's System with abstract weights: every frozen parameter a placed
+  ShapeDtypeStruct, shapes from config.json or the published config of the named model."""
+  return system_lib.load_system(config, system_lib.encoder_config(config).hidden_size, mesh,
+                                abstract=True)
 
 
 def _abstract_state(system: system_lib.System, tx, config) -> Any:
@@ -169,10 +94,9 @@ def _abstract_state(system: system_lib.System, tx, config) -> Any:
 
 
 def _abstract_plug_params(system: system_lib.System) -> Any:
-  from flax import linen as nn
-  d = system.encoder_dim
-  return jax.eval_shape(lambda: nn.meta.unbox(system.plug.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, d)), jnp.zeros((1, 1, d)), jnp.ones((1, 1)))['params']))
+  """The plug's parameter shapes, from the System's own initialiser (every plug variant)."""
+  plug_only = dataclasses.replace(system, query_encoder=None, query_encoder_params=None)
+  return jax.eval_shape(lambda: plug_only.init_trainable(0))['plug']
 
 
 # ------------------------------------------------------------------ analytic FLOPs
@@ -189,6 +113,30 @@ def _t5_forward_flops(c: t5_lib.T5Config, enc_len: int, dec_len: int) -> float:
   return 2.0 * (c.num_encoder_layers * enc_layer + c.num_decoder_layers * dec_layer + head)
 
 
+def _decoder_layers_flops(c: decoder_lib.DecoderConfig, tokens: int, keys: int) -> float:
+  """FLOPs of every layer for `tokens` new positions attending over `keys` positions: q/k/v/o
+  projections (grouped k/v), SwiGLU, and the two attention matmuls (computed in full)."""
+  q = c.num_heads * c.head_dim
+  kv = c.num_kv_heads * c.head_dim
+  per_token = 2 * c.hidden_size * q + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+  return 2.0 * c.num_layers * (tokens * per_token + 2 * tokens * keys * q)
+
+
+def _decoder_forward_flops(c: decoder_lib.DecoderConfig, length: int, head_positions: int
+                           ) -> float:
+  """Forward FLOPs of one sequence of `length`, with logits at `head_positions` of them."""
+  return _decoder_layers_flops(c, length, length) + 2.0 * head_positions * c.hidden_size * \
+      c.vocab_size
+
+
+def _llm_forward_flops(c, input_len: int, target_len: int) -> float:
+  """One teacher-forced example: T5's encoder input and decoder target, or the decoder-only
+  sequence [input; target[:-1]] with logits at the target positions."""
+  if isinstance(c, t5_lib.T5Config):
+    return _t5_forward_flops(c, input_len, target_len)
+  return _decoder_forward_flops(c, input_len + target_len - 1, target_len)
+
+
 def train_step_flops(system: system_lib.System, config) -> float:
   """FLOPs of one optimizer step over micro-batch x accumulation examples.
 
@@ -198,8 +146,8 @@ def train_step_flops(system: system_lib.System, config) -> float:
   """
   c = system.llm.config
   d = config.data
-  fwd = _t5_forward_flops(c, d.max_input_length + plug_lib.num_soft_tokens(config.plug),
-                          d.max_target_length)
+  fwd = _llm_forward_flops(c, d.max_input_length + plug_lib.num_soft_tokens(config.plug),
+                           d.max_target_length)
   llm = fwd * (3 if c.remat_policy != 'none' else 2)
   de, dl = system.encoder_dim, c.d_model
   plug = 3 * 2.0 * d.max_history * (de * dl + dl * dl)
@@ -209,13 +157,22 @@ def train_step_flops(system: system_lib.System, config) -> float:
 def generate_flops(system: system_lib.System, config, batch: int) -> float:
   """FLOPs of one generation batch with the decode cache.
 
-  Per example: the encoder and the cross-attention keys/values once (beams share them). Per
+  T5, per example: the encoder and the cross-attention keys/values once (beams share them); per
   beam and new token: the decoder's projections, feed-forward and LM head, self-attention over
   the cache (on average half the new tokens) and cross-attention over the input.
+  Decoder-only, per example: the prefill of [I; P; prompt] with one row of logits; per beam and
+  new token: the layers for one position over the prefix and the static cache (computed in
+  full), and the LM head.
   """
   c = system.llm.config
   e = config.eval
   enc_len = config.data.max_input_length + plug_lib.num_soft_tokens(config.plug)
+  new = e.num_beams * e.max_new_tokens
+  if not isinstance(c, t5_lib.T5Config):
+    prefill = _decoder_forward_flops(c, enc_len, 1)
+    per_token = (_decoder_layers_flops(c, 1, enc_len + e.max_new_tokens) +
+                 2.0 * c.hidden_size * c.vocab_size)
+    return batch * (prefill + new * per_token)
   inner = c.num_heads * c.d_kv
   ff = (3 if c.gated else 2) * c.d_model * c.d_ff
   encoder = _t5_forward_flops(dataclasses.replace(c, num_decoder_layers=0), enc_len, 0)
@@ -224,7 +181,7 @@ def generate_flops(system: system_lib.System, config, batch: int) -> float:
                                              2 * (e.max_new_tokens / 2) * inner +
                                              2 * enc_len * inner) +
                      c.d_model * c.vocab_size)
-  return batch * (encoder + cross_kv + e.num_beams * e.max_new_tokens * per_token)
+  return batch * (encoder + cross_kv + new * per_token)
 
 
 # ------------------------------------------------------------------ the plan
@@ -272,7 +229,8 @@ def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None) -> di
   tx, _ = system_lib.build_optimizer(config, 1000)
   out: dict[str, Any] = {'topology': topology, 'chip': chip.name, 'device_kind': kind,
                          'chips': len(devices), 'mesh': list(resolved),
-                         'hbm_per_chip_gib': chip.hbm_gib}
+                         'hbm_per_chip_gib': chip.hbm_gib,
+                         'backbone': f'{backbone.family(system.llm)} {config.llm.name}'}
 
   start = time.time()
   try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ from jax.sharding import Mesh
 from pplug_jax import partitioning
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert as bert_lib
-from pplug_jax.models import backbone, hf_weights, plug as plug_lib
+from pplug_jax.models import backbone, hf_weights, known_configs, plug as plug_lib
 from pplug_jax.models import decoder as decoder_lib
 from pplug_jax.models.numerics import as_dtype
 
@@ -111,50 +112,91 @@ def vocab_limit(config) -> int:
   return len(tokenizers.llm_tokenizer(config)) + 2
 
 
-def llm_family(path: str) -> str:
-  """The backbone family of a Hugging Face directory, from its config.json `model_type`."""
-  model_type = hf_weights.read_hf_config(path).get('model_type') or 't5'
+def llm_family(path: str, hf: dict | None = None) -> str:
+  """The backbone family of a Hugging Face directory (or of `hf`), from `model_type`."""
+  hf = hf if hf is not None else hf_weights.read_hf_config(path)
+  model_type = hf.get('model_type') or 't5'
   if model_type not in backbone.FAMILIES:
     raise decoder_lib.UnsupportedModelError(
-        f'{path}/config.json: model_type={model_type!r} is not supported; supported: '
-        f'{", ".join(backbone.FAMILIES)}.')
+        f'{path or "the published config"}/config.json: model_type={model_type!r} is not '
+        f'supported; supported: {", ".join(backbone.FAMILIES)}.')
   return model_type
 
 
-def load_llm(config, mesh: Mesh) -> tuple[backbone.Model, dict]:
-  """The frozen LLM of config.llm (family from its config.json), straight into its sharding."""
+def _published_config(path: str, name: str, known: dict | None, key: str) -> dict:
+  """For planning without weights: path's config.json if it has one, else the published one."""
+  if path and os.path.exists(os.path.join(path, 'config.json')):
+    return hf_weights.read_hf_config(path)
+  if known is None:
+    raise ConfigError(f'config.{key}.name={name!r}: the planner does not know its shape; set '
+                      f'config.{key}.path to a directory with its config.json (no weights '
+                      'needed).')
+  return known
+
+
+def load_llm(config, mesh: Mesh, abstract: bool = False) -> tuple[backbone.Model, dict]:
+  """The frozen LLM of config.llm (family from its config.json), straight into its sharding.
+
+  abstract: no weights are read; the params are ShapeDtypeStructs placed as they would be, and
+  the shape comes from config.llm.path's config.json or, without one, the published config of
+  config.llm.name (`known_configs`). This is how the planner builds the system.
+  """
   rules = tuple(config.logical_axis_rules)
   shardings = lambda boxed: partitioning.logical_shardings(boxed, mesh, rules)
   overrides = dict(remat_policy=config.llm.remat_policy, scan_layers=config.llm.scan_layers,
                    dropout_rate=config.llm.dropout_rate)
   dtype = as_dtype(config.llm.param_dtype)
-  if llm_family(config.llm.path) == 't5':
-    llm_config, llm_params = hf_weights.load_t5(config.llm.path, dtype=dtype, shardings=shardings,
-                                                vocab_limit=vocab_limit(config), **overrides)
+  path = config.llm.path
+  hf = (_published_config(path, config.llm.name, known_configs.llm(config.llm.name), 'llm')
+        if abstract else hf_weights.read_hf_config(path))
+  if llm_family(path, hf) == 't5':
+    # Resizing masks logits and changes no shape: without a tokenizer at hand the plan skips it.
+    limit = vocab_limit(config) if not abstract or os.path.isdir(path or '') else 0
+    llm_config, llm_params = hf_weights.load_t5(path, dtype=dtype, shardings=shardings,
+                                                abstract=abstract, hf=hf, vocab_limit=limit,
+                                                **overrides)
   else:
     if config.llm.vocab_limit:
       raise ConfigError(f'config.llm.vocab_limit={config.llm.vocab_limit} is for FlanT5 (the '
                         'official resize); set it to 0 for a decoder-only backbone.')
-    hf = hf_weights.read_hf_config(config.llm.path)
     kv_heads = hf.get('num_key_value_heads') or hf['num_attention_heads']
     model_axis = mesh.shape.get('model', 1)
     llm_config, llm_params = hf_weights.load_decoder(
-        config.llm.path, dtype=dtype, shardings=shardings,
+        path, dtype=dtype, shardings=shardings, abstract=abstract, hf=hf,
         shard_kv_heads=decoder_lib.kv_heads_shardable(kv_heads, model_axis), **overrides)
   llm_config = dataclasses.replace(llm_config, dtype=as_dtype(config.llm.dtype))
   return backbone.make_model(llm_config), llm_params
 
 
-def load_system(config, encoder_dim: int, mesh: Mesh) -> System:
-  """Loads the frozen LLM straight into its sharding and builds the plug for it."""
+def encoder_config(config) -> bert_lib.BertConfig:
+  """The input encoder's BertConfig, from config.encoder.path or its published config."""
+  hf = _published_config(config.encoder.path, config.encoder.name,
+                         known_configs.encoder(config.encoder.name), 'encoder')
+  bconf, _ = hf_weights.load_bert(config.encoder.path, abstract=True, hf=hf,
+                                  pooling=config.encoder.pooling,
+                                  normalize=config.encoder.normalize,
+                                  dropout_rate=config.encoder.dropout_rate)
+  return bconf
+
+
+def load_system(config, encoder_dim: int, mesh: Mesh, abstract: bool = False) -> System:
+  """Loads the frozen LLM straight into its sharding and builds the plug for it.
+
+  abstract: the planner's system, every frozen parameter a placed ShapeDtypeStruct (see
+  `load_llm`); the persona scale, which changes no shape, is then config.plug.persona_scale
+  or 1.
+  """
   rules = tuple(config.logical_axis_rules)
-  llm, llm_params = load_llm(config, mesh)
+  llm, llm_params = load_llm(config, mesh, abstract)
   llm_config = llm.config
   plug = plug_lib.make_plug(config, encoder_dim, llm_config,
                            backbone.embedding_table(llm_params))
   query_encoder = query_params = None
   if config.encoder.mode == 'finetune':
-    bconf, query_params = hf_weights.load_bert(config.encoder.path,
+    hf = (_published_config(config.encoder.path, config.encoder.name,
+                            known_configs.encoder(config.encoder.name), 'encoder')
+          if abstract else None)
+    bconf, query_params = hf_weights.load_bert(config.encoder.path, abstract=abstract, hf=hf,
                                                pooling=config.encoder.pooling,
                                                normalize=config.encoder.normalize,
                                                dropout_rate=config.encoder.dropout_rate)

@@ -7,11 +7,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from conftest import ROOT
 from pplug_jax import aot
-from pplug_jax.models import t5
+from pplug_jax.models import decoder, hf_weights, t5
 
 
 def test_forward_flops_formula_matches_xla_cost_analysis():
@@ -26,6 +27,22 @@ def test_forward_flops_formula_matches_xla_cost_analysis():
   cost = jax.jit(model.apply).lower(params, *args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   ours = aot._t5_forward_flops(c, enc_len, dec_len)
+  assert 0.9 * cost['flops'] <= ours <= 1.02 * cost['flops'], (ours, cost['flops'])
+
+
+def test_decoder_forward_flops_formula_matches_xla_cost_analysis():
+  """The same for an unscanned decoder-only LM (GQA) on the training sequence [input; target]."""
+  c = decoder.DecoderConfig(vocab_size=512, hidden_size=128, intermediate_size=320, num_layers=3,
+                            num_heads=4, num_kv_heads=2, head_dim=32)
+  model = decoder.CausalLM(c)
+  prefix, target = 40, 24
+  args = (jnp.zeros((1, prefix, c.hidden_size)), jnp.ones((1, prefix), jnp.int32),
+          jnp.zeros((1, target), jnp.int32), jnp.ones((1, target), jnp.int32))
+  params = hf_weights.decoder_abstract_params(c, boxed=False)
+  fn = lambda p, *a: model.apply({'params': p}, *a, method=decoder.CausalLM.target_logits)
+  cost = jax.jit(fn).lower(params, *args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  ours = aot._llm_forward_flops(c, prefix, target)
   assert 0.9 * cost['flops'] <= ours <= 1.02 * cost['flops'], (ours, cost['flops'])
 
 
@@ -57,3 +74,57 @@ def test_plan_compiles_the_real_steps_for_a_small_topology(tiny_t5, tmp_path):
   assert 'v5e:2x2: 4 x v5e' in proc.stdout and 'fits' in proc.stdout
   assert plan['train_step']['step_time_lower_bound_s'] == pytest.approx(
       plan['train_step']['flops'] / (4 * 197e12))
+
+
+# Parameter counts the Hugging Face Hub reports for each checkpoint (safetensors metadata).
+PUBLISHED_PARAMETERS = {'llama2-7b': 6_738_415_616, 'llama3.1-8b': 8_030_261_248,
+                        'qwen2.5-7b': 7_615_616_512, 'qwen3-8b': 8_190_735_360,
+                        'flan-t5-small': 76_961_152, 'flan-t5-xxl': 11_135_332_352}
+
+
+@pytest.mark.parametrize('llm', sorted(PUBLISHED_PARAMETERS))
+def test_the_planner_knows_each_named_backbone_without_its_weights(llm):
+  """The training loader in abstract mode, from the published config.json alone."""
+  from configs import lamp
+  from pplug_jax import partitioning, system
+  config = lamp.get_config(f'task=2,llm={llm}')
+  _, params = system.load_llm(config, partitioning.make_mesh((1, 1)), abstract=True)
+  leaves = jax.tree.leaves(params)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.bfloat16 for x in leaves)
+  assert sum(int(np.prod(x.shape)) for x in leaves) == PUBLISHED_PARAMETERS[llm]
+
+
+def _placed(tree):
+  return jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+
+
+@pytest.mark.parametrize('family', ['t5', 'llama'])
+def test_abstract_loading_places_every_tensor_as_the_real_load(family, tiny_t5, tmp_path):
+  """The planner's system is the training loader's: same tree, shapes, dtypes and shardings
+  as the weights loaded for training, on a mesh that splits the model axis."""
+  subprocess.run([sys.executable, '-c', f'''
+import sys; sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+import jax, numpy as np
+from configs import lamp
+from hf_fixtures import save_tiny_decoder
+from pplug_jax import partitioning, system
+path = {str(tiny_t5["v1.1"][0])!r}
+if {family!r} == 'llama':
+  path = {str(tmp_path / "llama")!r}
+  save_tiny_decoder(path, heads=4, kv_heads=2)
+config = lamp.get_config('demo')
+config.llm.path = path
+config.llm.tokenizer = 'byte'
+mesh = partitioning.make_mesh((2, 2))
+real = system.load_system(config, 384, mesh)
+abstract = system.load_system(config, 384, mesh, abstract=True)
+placed = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), t)
+assert placed(real.llm_params) == placed(abstract.llm_params)
+assert real.llm.config == abstract.llm.config
+assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(real.llm_params))
+assert jax.tree.structure(real.init_trainable(0)) == jax.tree.structure(
+    jax.eval_shape(lambda: abstract.init_trainable(0)))
+print('ok', real.plug.persona_scale, abstract.plug.persona_scale)
+'''], check=True, cwd=ROOT, timeout=300,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu'))

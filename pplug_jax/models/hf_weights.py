@@ -340,15 +340,38 @@ def _tied_embeddings(path: str, hf: dict[str, Any], ckpt: SafetensorsDir) -> boo
 
 
 def load_t5_config(path: str, dtype: Any = jnp.float32, ckpt: SafetensorsDir | None = None,
-                   **config_overrides) -> t5_lib.T5Config:
-  """The T5Config of a Hugging Face T5 directory; tying as `_tied_embeddings` decides."""
-  ckpt = ckpt or SafetensorsDir(path)
-  hf = read_hf_config(path)
+                   hf: dict[str, Any] | None = None, **config_overrides) -> t5_lib.T5Config:
+  """The T5Config of a Hugging Face T5 directory; tying as `_tied_embeddings` decides.
+
+  `hf` (a published config.json, for planning without weights) replaces the directory's; with
+  no checkpoint there, its tie_word_embeddings decides the head.
+  """
+  hf = hf if hf is not None else read_hf_config(path)
   if hf.get('model_type') not in (None, 't5'):
     raise CheckpointError(f'{path}/config.json: model_type={hf.get("model_type")!r}, not t5.')
   overrides = dict(param_dtype=dtype, **config_overrides)
-  overrides['tie_word_embeddings'] = _tied_embeddings(path, hf, ckpt)
+  if ckpt is None and has_weights(path):
+    ckpt = SafetensorsDir(path)
+  overrides['tie_word_embeddings'] = (_tied_embeddings(path, hf, ckpt) if ckpt is not None else
+                                      bool(hf.get('tie_word_embeddings', True)))
   return t5_lib.T5Config.from_hf(hf, **overrides)
+
+
+def has_weights(path: str) -> bool:
+  """Whether `path` is a directory holding safetensors weights (the planner may go without)."""
+  return bool(path) and os.path.isdir(path) and any(
+      f.endswith('.safetensors') for f in os.listdir(path))
+
+
+def abstract_placed(boxed: Params, dtype: Any, shardings: Params | Callable | None) -> Params:
+  """What loading would give, without the data: a ShapeDtypeStruct per tensor, in `dtype` and
+  placed in its sharding (for the planner's AOT compiles)."""
+  placed = _resolve_shardings(shardings, boxed)
+  flat_shardings = traverse_util.flatten_dict(placed) if placed is not None else {}
+  flat = traverse_util.flatten_dict(_unbox(boxed))
+  return traverse_util.unflatten_dict({
+      k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=flat_shardings.get(k))
+      for k, v in flat.items()})
 
 
 def _resolve_shardings(shardings, abstract_boxed):
@@ -356,16 +379,21 @@ def _resolve_shardings(shardings, abstract_boxed):
 
 
 def load_t5(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
+            abstract: bool = False, hf: dict[str, Any] | None = None,
             **config_overrides) -> tuple[t5_lib.T5Config, Params]:
   """Loads a Hugging Face T5/FlanT5 directory as (T5Config, params) with params in `dtype`.
 
   `shardings` is a tree like the params of NamedShardings, or a function from the boxed
   abstract params (logical axis names) to one; each tensor goes straight into its sharding.
   `config_overrides` set T5Config fields (compute `dtype` is set with dataclasses.replace).
+  `abstract`: no tensor is read; the params are `abstract_placed` (`hf` may stand for the
+  directory's config.json).
   """
-  ckpt = SafetensorsDir(path)
-  config = load_t5_config(path, dtype, ckpt, **config_overrides)
+  ckpt = None if abstract else SafetensorsDir(path)
+  config = load_t5_config(path, dtype, ckpt, hf, **config_overrides)
   boxed = t5_abstract_params(config)
+  if abstract:
+    return config, abstract_placed(boxed, dtype, shardings)
   mapping = {k: [v] for k, v in _t5_mapping(config).items()}
   if config.scan_layers:
     mapping = _stack_scanned(_t5_mapping(config), {'encoder': config.num_encoder_layers,
@@ -449,24 +477,28 @@ def decoder_abstract_params(config: decoder_lib.DecoderConfig, boxed: bool = Tru
   return shapes if boxed else nn.meta.unbox(shapes)
 
 
-def load_decoder_config(path: str, dtype: Any = jnp.float32,
+def load_decoder_config(path: str, dtype: Any = jnp.float32, hf: dict[str, Any] | None = None,
                         **config_overrides) -> decoder_lib.DecoderConfig:
-  """The DecoderConfig of a Hugging Face Llama / Qwen2 / Qwen3 directory."""
-  return decoder_lib.DecoderConfig.from_hf(read_hf_config(path),
-                                           source=os.path.join(path, 'config.json'),
-                                           param_dtype=dtype, **config_overrides)
+  """The DecoderConfig of a Hugging Face Llama / Qwen2 / Qwen3 directory (or of `hf`)."""
+  source = os.path.join(path, 'config.json') if hf is None else f'{path or "published"} config'
+  return decoder_lib.DecoderConfig.from_hf(hf if hf is not None else read_hf_config(path),
+                                           source=source, param_dtype=dtype, **config_overrides)
 
 
 def load_decoder(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
+                 abstract: bool = False, hf: dict[str, Any] | None = None,
                  **config_overrides) -> tuple[decoder_lib.DecoderConfig, Params]:
   """Loads a Hugging Face decoder-only directory (one file or a sharded index) as (config, params).
 
   As `load_t5`: `shardings` is a tree of NamedShardings or a function of the boxed abstract
-  params, and every tensor goes straight into its sharding, one at a time.
+  params, and every tensor goes straight into its sharding, one at a time; `abstract` reads no
+  tensor (`hf` may stand for config.json).
   """
-  ckpt = SafetensorsDir(path)
-  config = load_decoder_config(path, dtype, **config_overrides)
+  config = load_decoder_config(path, dtype, hf, **config_overrides)
   boxed = decoder_abstract_params(config)
+  if abstract:
+    return config, abstract_placed(boxed, dtype, shardings)
+  ckpt = SafetensorsDir(path)
   flat_mapping = _decoder_mapping(config)
   mapping = {k: [v] for k, v in flat_mapping.items()}
   if config.scan_layers:
@@ -484,20 +516,25 @@ def decoder_embedding_table(path: str) -> np.ndarray:
 
 
 def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
+              abstract: bool = False, hf: dict[str, Any] | None = None,
               **config_overrides) -> tuple[bert_lib.BertConfig, Params]:
   """Loads a Hugging Face BERT directory (BGE, MiniLM, Contriever) as (BertConfig, params).
 
   Pooling defaults to the sentence-transformers setting in `1_Pooling/config.json` when the
-  directory has one; pass `pooling=` / `normalize=` to choose.
+  directory has one; pass `pooling=` / `normalize=` to choose. `abstract` and `hf` as for
+  `load_t5`.
   """
-  ckpt = SafetensorsDir(path)
-  hf = read_hf_config(path)
+  hf = hf if hf is not None else read_hf_config(path)
   if hf.get('model_type') not in (None, 'bert'):
     raise CheckpointError(f'{path}/config.json: model_type={hf.get("model_type")!r}, not bert.')
   overrides = dict(param_dtype=dtype)
-  overrides.update(sentence_transformers_pooling(path))
+  if path and os.path.isdir(path):
+    overrides.update(sentence_transformers_pooling(path))
   overrides.update(config_overrides)
   config = bert_lib.BertConfig.from_hf(hf, **overrides)
+  if abstract:
+    return config, abstract_placed(bert_abstract_params(config), dtype, shardings)
+  ckpt = SafetensorsDir(path)
   prefix = 'bert.' if any(k.startswith('bert.') for k in ckpt.keys()) else ''
   boxed = bert_abstract_params(config)
   mapping = {k: [v] for k, v in _bert_mapping(config, prefix).items()}

@@ -171,6 +171,8 @@ def persona_scale(config, embedding: Any) -> float:
   """
   if config.plug.persona_scale is not None and config.plug.persona_scale > 0:
     return float(config.plug.persona_scale)
+  if isinstance(embedding, jax.ShapeDtypeStruct):  # the planner's abstract weights: no values
+    return 1.0
   dtype = numerics.as_dtype(config.llm.param_dtype)
   norms = jax.jit(lambda t: jnp.linalg.norm(t.astype(dtype).astype(jnp.float32), axis=-1).mean())
   return float(norms(embedding))
