@@ -2,6 +2,8 @@
 
   configs/lamp.py               the embedded demo (same as :demo)
   configs/lamp.py:demo          synthetic LaMP-2, real all-MiniLM-L6-v2, tiny byte-level T5
+  configs/lamp.py:demo,llm=decoder
+                                the same with a tiny byte-level decoder-only model (Llama)
   configs/lamp.py:task=2,size=xxl,split=time,encoder=bge
                                 a real run; set config.llm.path, config.encoder.path and
                                 config.data.lamp_dir to local Hugging Face / LaMP directories
@@ -32,6 +34,7 @@ DECODER_DEFAULTS = dict(dtype='bfloat16', param_dtype='bfloat16',
                         remat_policy='dots_with_no_batch_dims', scan_layers=True)
 DECODER_MESH = (-1, 4)
 LLMS = tuple(f'flan-t5-{s}' for s in SIZES) + tuple(DECODERS)
+DEMO_DECODER = 'decoder'  # configs/lamp.py:demo,llm=decoder: the demo on a tiny Llama
 ENCODERS = {
     'bge': dict(name='BAAI/bge-base-en-v1.5', pooling='cls', normalize=True,
                 query_prefix='Represent this sentence for searching relevant passages: '),
@@ -78,7 +81,14 @@ def get_config(arg=None):
   llm = args.get('llm', f'flan-t5-{size}')
   if 'llm' in args and 'size' in args and llm != f'flan-t5-{size}':
     raise ValueError(f'configs/lamp.py: size={size} and llm={llm} name two backbones; give one.')
-  if llm not in LLMS:
+  if llm == DEMO_DECODER and not demo:
+    raise ValueError(f'configs/lamp.py: llm={DEMO_DECODER} is the demo\'s tiny decoder-only '
+                     f'model; use configs/lamp.py:demo,llm={DEMO_DECODER}.')
+  if demo and 'llm' in args and llm != DEMO_DECODER:
+    raise ValueError(f'configs/lamp.py: the demo makes its own tiny model (T5, or '
+                     f'llm={DEMO_DECODER}); llm={llm} needs a real config, e.g. '
+                     f'configs/lamp.py:task=2,llm={llm}.')
+  if llm not in LLMS + (DEMO_DECODER,):
     raise ValueError(f'configs/lamp.py: llm={llm!r} must be one of {LLMS}.')
   if llm.startswith('flan-t5-'):
     size = llm[len('flan-t5-'):]
@@ -211,7 +221,7 @@ def get_config(arg=None):
   if 'reference' in args:
     _reference(c)
   if demo:
-    _demo(c)
+    _demo(c, decoder=llm == DEMO_DECODER)
   return c
 
 
@@ -237,8 +247,12 @@ def _reference(c):
   c.encoder.query_prefix = c.encoder.query_prefix.rstrip()  # and no space after the colon
 
 
-def _demo(c):
-  """Runs anywhere with nothing downloaded: see README 'The embedded demo'."""
+def _demo(c, decoder: bool = False):
+  """Runs anywhere with nothing downloaded: see README 'The embedded demo'.
+
+  decoder=True: the same demo on a tiny byte-level decoder-only model (model_type llama) in
+  place of the tiny T5, of a similar size; everything else is the same.
+  """
   c.task = 'LaMP_2'
   c.demo_data = ml_collections.ConfigDict(dict(
       train_users=400, dev_users=100, test_users=60, num_preferences=4, mean_items=12,
@@ -251,7 +265,7 @@ def _demo(c):
                 doc_max_length=64, checkpoint_every=20)
   c.rspg.update(lr=5e-5, batch_size=8, epochs=1, max_length=96, checkpoint_every=20)
   c.demo_model = ml_collections.ConfigDict(dict(
-      d_model=64, num_heads=4, d_kv=16, d_ff=128, num_layers=2, pretrain_steps=500,
+      family='t5', d_model=64, num_heads=4, d_kv=16, d_ff=128, num_layers=2, pretrain_steps=500,
       pretrain_lr=3e-3))
   c.encoder.update(ENCODERS['minilm'])
   c.llm.name = 'demo-tiny-t5-byte'
@@ -279,3 +293,9 @@ def _demo(c):
   # RAG prompts in bytes: 192 keeps the k = 4 retrieved tags (LaMP's budget leaves no room for
   # the descriptions at this length) and keeps the tiny model's fitting fast.
   c.rag.max_length = 192
+  if decoder:
+    c.llm.name = 'demo-tiny-llama-byte'
+    c.llm.tokenizer = ''  # its own byte-level tokenizer files, beside the weights (BOS + bytes)
+    c.demo_model = ml_collections.ConfigDict(dict(
+        family='llama', hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=192,
+        num_layers=2, pretrain_steps=500, pretrain_lr=3e-3))

@@ -212,8 +212,10 @@ def _failed(error: Exception, seconds: float) -> dict[str, Any]:
                      "config.llm.remat_policy='full', or a smaller micro-batch"]}
 
 
-def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
-  """Compiles the train step and beam-search generation for `topology`; returns the plan."""
+def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None,
+         generate: bool = True) -> dict[str, Any]:
+  """Compiles the train step and (unless `generate=False`) beam-search generation for
+  `topology`; returns the plan."""
   devices = topology_devices(topology)
   kind = devices[0].device_kind
   chip = CHIPS.get(kind)
@@ -246,6 +248,8 @@ def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None) -> di
         'per_chip_gib': mem['total'], 'memory_gib': mem, 'fits': fits, 'advice': advice,
         'compile_s': time.time() - start, 'flops': flops,
         'step_time_lower_bound_s': flops / (len(devices) * chip.peak_bf16_tflops * 1e12)}
+  if not generate:
+    return out
 
   start = time.time()
   generator = generation.SplitGenerator(system, config)

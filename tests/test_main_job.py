@@ -41,7 +41,8 @@ def test_demo_is_the_table1_comparison(demo_run):
   assert adhoc <= result['best_non_personalised_accuracy'] + 0.15
   assert min(rag) >= adhoc + 0.2  # the base model reads the retrieved tags
   assert result['dev']['accuracy'] >= max(rag) + 0.1  # the whole history beats 4 noisy items
-  assert '| Dataset | Metric | Ad-hoc | BM25 | Recency | Contriever | PPlug |' in stdout
+  assert '| Dataset | Backbone | Metric | Ad-hoc | BM25 | Recency | Contriever | PPlug |' in stdout
+  assert '| LaMP-2 | demo-tiny-t5-byte | Accuracy ↑ |' in stdout  # rows name the backbone
   for m, name in (('none', 'none'), ('bm25', 'bm25_k4')):
     with open(workdir / 'baselines' / name / 'predictions_dev.json') as f:
       assert len(json.load(f)['golds']) == 100

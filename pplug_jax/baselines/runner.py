@@ -1,8 +1,10 @@
 """Runs a retrieval baseline (or the plain model) over a LaMP split with the frozen LLM.
 
 Each example's profile is ranked (`rank_profile`), the top k go into LaMP's prompt
-(`rag_prompt`), and the frozen FlanT5 generates with the config's settings (beam 4 for the
-paper), compiled once for one static shape. Predictions and metrics are written in the same
+(`rag_prompt`, its budget counted with the backbone's tokenizer), and the frozen backbone
+(FlanT5 or decoder-only) generates with the config's settings (beam 4 for the paper), compiled
+once for one static shape. The prompt becomes token ids exactly as a PPlug input does
+(`tokenizers.LlmEncoding`). Predictions and metrics are written in the same
 formats as `evaluate`, to `<workdir>/baselines/<method>_k<k>/`, with the prompts beside them.
 """
 
@@ -25,6 +27,7 @@ from pplug_jax.baselines.retrieval import (DENSE_METHODS, METHODS, REQUIRED_FIEL
                                            rank_profile)
 from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError
+from pplug_jax.models import backbone
 
 NO_RETRIEVAL = 'none'
 
@@ -96,8 +99,9 @@ def llm_settings(config) -> dict[str, Any]:
                    for n in os.listdir(path) if n.endswith('.safetensors')) \
       if os.path.isdir(path) else []
   return {'task': lamp.task_spec(config.task).name, 'split_type': config.split_type,
-          'llm_path': path, 'llm_weights': [list(w) for w in weights],
+          'llm_name': config.llm.name, 'llm_path': path, 'llm_weights': [list(w) for w in weights],
           'llm_tokenizer': config.llm.tokenizer, 'vocab_limit': config.llm.vocab_limit,
+          'chat_template': bool(config.llm.get('chat_template', False)),
           'llm_dtype': config.llm.dtype, 'rag_max_length': config.rag.max_length,
           'generation': {k: config.eval[k] for k in ('num_beams', 'length_penalty',
                                                        'early_stopping', 'max_new_tokens')}}
@@ -116,8 +120,10 @@ def check_fields(task: str, qfile: str, questions: list[dict], method: str) -> N
 
 
 def build_prompts(config, questions: list[dict], method: str, k: int,
-                  tokenizer: Any, encoder: Any = None) -> tuple[list[str], int]:
+                  encoding: tokenizers.LlmEncoding,
+                  encoder: Any = None) -> tuple[list[str], int]:
   """The LLM input of every question, and how many had an empty profile (plain input)."""
+  budget = encoding.prompt_budget(config.rag.max_length)
   prompts, empty = [], 0
   for q in tqdm(questions, desc=f'prompts ({method})', unit='example', mininterval=5,
                 disable=jax.process_index() > 0):
@@ -128,7 +134,7 @@ def build_prompts(config, questions: list[dict], method: str, k: int,
       continue
     items = rank_profile(config.task, q['input'], q['profile'], method, k, encoder,
                          seed=config.seed)
-    prompts.append(rag_prompt(config.task, q['input'], items, tokenizer, config.rag.max_length))
+    prompts.append(rag_prompt(config.task, q['input'], items, encoding.tok, budget))
   return prompts, empty
 
 
@@ -141,12 +147,12 @@ class BaselineGenerator:
     self.rules = tuple(config.logical_axis_rules)
     self.llm, self.llm_params = system_lib.load_llm(config, self.mesh)
     self.tokenizer = tokenizers.llm_tokenizer(config)
+    self.encoding = tokenizers.llm_encoding(config, self.tokenizer)
     settings = generation.GenerationSettings.from_config(config)
     llm = self.llm
 
     def generate(llm_params, ids, mask):
-      from pplug_jax.models import t5 as t5_lib
-      embedded = llm.apply({'params': llm_params}, ids, method=t5_lib.T5.embed)
+      embedded = backbone.embed(llm, llm_params, ids)
       return generation.decode_tokens(llm, llm_params, embedded, mask, settings)
 
     self._generate = jax.jit(generate)
@@ -159,14 +165,23 @@ class BaselineGenerator:
     for start in tqdm(range(0, len(prompts), batch), desc='generate', unit='batch',
                       mininterval=5, disable=jax.process_index() > 0):
       chunk = prompts[start:start + batch]
-      enc = self.tokenizer(chunk + [''] * (batch - len(chunk)), truncation=True,
-                           max_length=length, padding='max_length', return_tensors='np')
-      put = lambda x: partitioning.global_from_host(self.mesh, self.rules, x.astype(np.int32))
-      tokens = self._generate(self.llm_params, put(enc['input_ids']), put(enc['attention_mask']))
-      texts = self.tokenizer.batch_decode(partitioning.gather_to_host(tokens),
-                                          skip_special_tokens=True)
-      outputs.extend(t.strip() for t in texts[:len(chunk)])
+      ids, mask = self.token_rows(chunk + [''] * (batch - len(chunk)), length)
+      put = lambda x: partitioning.global_from_host(self.mesh, self.rules, x)
+      tokens = self._generate(self.llm_params, put(ids), put(mask))
+      texts = generation.decode_texts(self.tokenizer, partitioning.gather_to_host(tokens))
+      outputs.extend(texts[:len(chunk)])
     return outputs
+
+  def token_rows(self, prompts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, length] ids and mask: each prompt as a PPlug input is encoded (LlmEncoding), zero
+    right-padded as in the records (an empty row keeps one token, so no row is all padding)."""
+    ids = np.zeros((len(prompts), length), np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+      tokens = self.encoding.input_ids(prompt, length) or [backbone.fill_id(self.llm.config)]
+      ids[row, :len(tokens)] = tokens
+      mask[row, :len(tokens)] = 1
+    return ids, mask
 
 
 def run_settings(config, workdir: str, method: str, k: int, split: str,
@@ -217,7 +232,7 @@ def run(config, workdir: str, method: str, k: int, split: str = 'dev',
     encoder = dense_encoder(config, workdir, method)
   generator = generator or BaselineGenerator(config)
   start = time.time()
-  prompts, empty = build_prompts(config, questions, method, k, generator.tokenizer, encoder)
+  prompts, empty = build_prompts(config, questions, method, k, generator.encoding, encoder)
   outputs = generator(prompts)
   ids = [q['id'] for q in questions]
   result: dict[str, Any] = {'method': method, 'k': None if method == NO_RETRIEVAL else k,

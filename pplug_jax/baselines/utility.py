@@ -123,8 +123,9 @@ def score(config, workdir: str, split: str = 'train',
   for begin in range(0, len(todo), chunk):
     part = todo[begin:begin + chunk]
     picked = [candidates(config, q, encoder) for q in part]
+    budget = generator.encoding.prompt_budget(config.rag.max_length)
     prompts = [rag_prompt(config.task, q['input'], [q['profile'][i]], generator.tokenizer,
-                          config.rag.max_length) for q, cand in zip(part, picked) for i in cand]
+                          budget) for q, cand in zip(part, picked) for i in cand]
     outputs = iter(generator(prompts))
     lines = []
     for q, cand in zip(part, picked):

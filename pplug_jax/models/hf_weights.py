@@ -510,6 +510,36 @@ def load_decoder(path: str, dtype: Any = jnp.float32, shardings: Params | Callab
   return config, params
 
 
+def save_decoder(path: str, config: decoder_lib.DecoderConfig, params: Params) -> None:
+  """Writes (unscanned) params as a Hugging Face Llama / Qwen2 / Qwen3 directory:
+  config.json + model.safetensors, readable by transformers' *ForCausalLM and by load_decoder."""
+  from safetensors.numpy import save_file
+  if config.scan_layers:
+    raise ValueError('save_decoder writes unscanned params (config.scan_layers=False).')
+  os.makedirs(path, exist_ok=True)
+  flat = traverse_util.flatten_dict(params)
+  tensors = {theirs: np.ascontiguousarray(fn.apply(np.asarray(flat[ours], np.float32)))
+             for ours, (theirs, fn) in _decoder_mapping(config).items()}
+  save_file(tensors, os.path.join(path, 'model.safetensors'))
+  architecture = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+                  'qwen3': 'Qwen3ForCausalLM'}[config.model_type]
+  hf = dict(model_type=config.model_type, architectures=[architecture],
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim, hidden_act='silu', rms_norm_eps=config.rms_norm_eps,
+            rope_theta=config.rope_theta,
+            max_position_embeddings=config.rope_original_max_positions,
+            tie_word_embeddings=config.tie_word_embeddings,
+            attention_bias=config.out_bias, mlp_bias=config.mlp_bias,
+            bos_token_id=config.bos_token_id, pad_token_id=config.pad_token_id,
+            eos_token_id=list(config.eos_token_ids) if len(config.eos_token_ids) > 1
+            else config.eos_token_id, torch_dtype='float32')
+  if config.rope_type != 'default':
+    raise ValueError(f'save_decoder writes default RoPE only, not {config.rope_type!r}.')
+  fileio.write_json(os.path.join(path, 'config.json'), hf)
+
+
 def decoder_embedding_table(path: str) -> np.ndarray:
   """The [vocab, d] token-embedding table of a decoder-only directory, read from disk alone."""
   return np.asarray(SafetensorsDir(path).get('model.embed_tokens.weight'))

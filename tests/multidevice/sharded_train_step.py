@@ -1,4 +1,7 @@
-"""Run on 8 simulated devices: one train step on meshes 2x4 and 8x1 equals the 1-device step."""
+"""Run on 8 simulated devices: one train step on meshes 2x4 and 8x1 equals the 1-device step.
+
+    sharded_train_step.py LLM_DIR      (a T5 or a decoder-only directory: its config.json says)
+"""
 
 import json
 import sys
@@ -9,6 +12,7 @@ import numpy as np
 
 from configs import lamp as lamp_config
 from pplug_jax import partitioning, system as system_lib
+from pplug_jax.models import backbone
 
 DIM = 12
 
@@ -30,6 +34,7 @@ def batch(accum=2, micro=8, seed=0):
 def one_step(path, mesh_shape, devices):
   config = lamp_config.get_config('demo')
   config.llm.path = path
+  config.llm.tokenizer = ''
   mesh = partitioning.make_mesh(mesh_shape, devices=devices)
   rules = tuple(config.logical_axis_rules)
   system = system_lib.load_system(config, DIM, mesh)
@@ -45,9 +50,18 @@ def one_step(path, mesh_shape, devices):
                  in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, system.llm_params),
                                b_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
   new, metrics = step(state, system.llm_params, gb)
-  if mesh_shape == (2, 4):
+  if mesh_shape == (2, 4) and not backbone.is_decoder_only(system.llm):
     wi = system.llm_params['decoder']['layers_0']['mlp']['wi_0']['kernel']
     assert wi.sharding.spec == jax.sharding.PartitionSpec(None, 'model'), wi.sharding.spec
+  elif mesh_shape == (2, 4):  # the MLP over the model axis; 2 KV heads on 4: K/V replicated
+    layer = system.llm_params['layers']['layers_0']
+    wi = layer['mlp']['wi_0']['kernel']
+    assert wi.sharding.spec == jax.sharding.PartitionSpec(None, 'model'), wi.sharding.spec
+    assert system.llm.config.num_kv_heads == 2 and not system.llm.config.shard_kv_heads
+    key = layer['attention']['key']['kernel']
+    assert all(a is None for a in key.sharding.spec), key.sharding.spec
+    query = layer['attention']['query']['kernel']
+    assert 'model' in query.sharding.spec, query.sharding.spec
   return float(metrics['loss']), jax.tree.map(np.asarray, new['params'])
 
 
