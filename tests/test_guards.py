@@ -291,7 +291,9 @@ class _FixedGenerator:
 
   def __init__(self):
     from transformers import ByT5Tokenizer
+    from pplug_jax import tokenizers
     self.tokenizer = ByT5Tokenizer(extra_ids=0)
+    self.encoding = tokenizers.LlmEncoding(self.tokenizer, decoder_only=False)
 
   def __call__(self, prompts):
     return ['comedy'] * len(prompts)
