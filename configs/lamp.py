@@ -130,7 +130,7 @@ def get_config(arg=None):
   c.encoder.path = ''           # local Hugging Face directory of the encoder
   c.encoder.mode = 'frozen'     # 'frozen': precomputed query embedding | 'finetune'
   c.encoder.batch_size = 64
-  c.encoder.dtype = 'float32'
+  c.encoder.dtype = 'auto'       # bfloat16 on TPU/GPU, float32 on CPU (recorded in the records)
   c.encoder.dropout_rate = 0.0  # in the fine-tuned query encoder during training (official: 0.1)
 
   c.llm = ml_collections.ConfigDict()
@@ -176,6 +176,7 @@ def get_config(arg=None):
   c.train.keep_checkpoints = 3
   c.train.eval_batch_size = 16
   c.train.max_eval_batches = -1
+  c.train.profile_steps = ()    # (start, stop): a jax.profiler trace of those steps in <workdir>/profile
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_beams = 4

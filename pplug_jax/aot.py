@@ -26,32 +26,20 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 
 from pplug_jax import cli, fileio, generation, partitioning, system as system_lib, validation
+from pplug_jax import flops as flops_lib
+from pplug_jax.flops import CHIPS, Chip, generate_flops, train_step_flops
 from pplug_jax.data import pipeline
 from pplug_jax.errors import UserError
-from pplug_jax.models import backbone, decoder as decoder_lib, plug as plug_lib, t5 as t5_lib
+from pplug_jax.models import backbone
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """What one device of a topology has: HBM and peak dense bf16 FLOP/s (public specs)."""
-  name: str
-  hbm_gib: float
-  peak_bf16_tflops: float
-
-
-# Keyed by jax's device_kind. v4 topologies list each TensorCore as a device: half a chip.
-CHIPS = {
-    'TPU v4': Chip('v4 TensorCore (half a chip)', 16.0, 137.5),
-    'TPU v5 lite': Chip('v5e', 16.0, 197.0),
-    'TPU v5': Chip('v5p', 95.0, 459.0),
-    'TPU v5p': Chip('v5p', 95.0, 459.0),
-    'TPU v6 lite': Chip('v6e', 32.0, 918.0),
-    'TPU v6e': Chip('v6e', 32.0, 918.0),
-}
 HEADROOM = 0.9  # plan to use at most 90 % of HBM: the runtime and fragmentation need the rest
 
 
 def _quiet_libtpu(topology: str) -> None:
-  """Tells libtpu this is no TPU VM, so it does not look for one (and warn at length)."""
+  """Tells libtpu this is no TPU VM, so it does not look for one (and warn at length), and that
+  it need not take the chips' lock: the planner only compiles, so it runs beside a training job
+  that holds the TPU and beside other plans (and leaves the lock free for the next job)."""
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   version, _, dims = topology.partition(':')
   chips = int(np.prod([int(x) for x in dims.split('x') if x.isdigit()] or [1]))
   accelerator = {'v4': f'v4-{2 * chips}', 'v5p': f'v5p-{2 * chips}',
@@ -99,91 +87,6 @@ def _abstract_plug_params(system: system_lib.System) -> Any:
   return jax.eval_shape(lambda: plug_only.init_trainable(0))['plug']
 
 
-# ------------------------------------------------------------------ analytic FLOPs
-
-def _t5_forward_flops(c: t5_lib.T5Config, enc_len: int, dec_len: int) -> float:
-  """Forward FLOPs of one example: 2 x multiply-adds of every matmul, attention included."""
-  inner = c.num_heads * c.d_kv
-  ff = (3 if c.gated else 2) * c.d_model * c.d_ff
-  enc_layer = enc_len * (4 * c.d_model * inner + ff) + 2 * enc_len * enc_len * inner
-  dec_layer = (dec_len * (4 * c.d_model * inner + 2 * c.d_model * inner + ff) +
-               enc_len * 2 * c.d_model * inner +            # cross-attention keys and values
-               2 * dec_len * dec_len * inner + 2 * dec_len * enc_len * inner)
-  head = dec_len * c.d_model * c.vocab_size
-  return 2.0 * (c.num_encoder_layers * enc_layer + c.num_decoder_layers * dec_layer + head)
-
-
-def _decoder_layers_flops(c: decoder_lib.DecoderConfig, tokens: int, keys: int) -> float:
-  """FLOPs of every layer for `tokens` new positions attending over `keys` positions: q/k/v/o
-  projections (grouped k/v), SwiGLU, and the two attention matmuls (computed in full)."""
-  q = c.num_heads * c.head_dim
-  kv = c.num_kv_heads * c.head_dim
-  per_token = 2 * c.hidden_size * q + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
-  return 2.0 * c.num_layers * (tokens * per_token + 2 * tokens * keys * q)
-
-
-def _decoder_forward_flops(c: decoder_lib.DecoderConfig, length: int, head_positions: int
-                           ) -> float:
-  """Forward FLOPs of one sequence of `length`, with logits at `head_positions` of them."""
-  return _decoder_layers_flops(c, length, length) + 2.0 * head_positions * c.hidden_size * \
-      c.vocab_size
-
-
-def _llm_forward_flops(c, input_len: int, target_len: int) -> float:
-  """One teacher-forced example: T5's encoder input and decoder target, or the decoder-only
-  sequence [input; target[:-1]] with logits at the target positions."""
-  if isinstance(c, t5_lib.T5Config):
-    return _t5_forward_flops(c, input_len, target_len)
-  return _decoder_forward_flops(c, input_len + target_len - 1, target_len)
-
-
-def train_step_flops(system: system_lib.System, config) -> float:
-  """FLOPs of one optimizer step over micro-batch x accumulation examples.
-
-  Frozen LLM: forward + the input-gradient half of the backward (no weight gradients), so
-  2 x forward, plus one more forward of recomputation under remat. The plug's projector runs on
-  every history item, forward + full backward (3 x forward).
-  """
-  c = system.llm.config
-  d = config.data
-  fwd = _llm_forward_flops(c, d.max_input_length + plug_lib.num_soft_tokens(config.plug),
-                           d.max_target_length)
-  llm = fwd * (3 if c.remat_policy != 'none' else 2)
-  de, dl = system.encoder_dim, c.d_model
-  plug = 3 * 2.0 * d.max_history * (de * dl + dl * dl)
-  return (llm + plug) * config.optim.batch_size * config.optim.grad_accum
-
-
-def generate_flops(system: system_lib.System, config, batch: int) -> float:
-  """FLOPs of one generation batch with the decode cache.
-
-  T5, per example: the encoder and the cross-attention keys/values once (beams share them); per
-  beam and new token: the decoder's projections, feed-forward and LM head, self-attention over
-  the cache (on average half the new tokens) and cross-attention over the input.
-  Decoder-only, per example: the prefill of [I; P; prompt] with one row of logits; per beam and
-  new token: the layers for one position over the prefix and the static cache (computed in
-  full), and the LM head.
-  """
-  c = system.llm.config
-  e = config.eval
-  enc_len = config.data.max_input_length + plug_lib.num_soft_tokens(config.plug)
-  new = e.num_beams * e.max_new_tokens
-  if not isinstance(c, t5_lib.T5Config):
-    prefill = _decoder_forward_flops(c, enc_len, 1)
-    per_token = (_decoder_layers_flops(c, 1, enc_len + e.max_new_tokens) +
-                 2.0 * c.hidden_size * c.vocab_size)
-    return batch * (prefill + new * per_token)
-  inner = c.num_heads * c.d_kv
-  ff = (3 if c.gated else 2) * c.d_model * c.d_ff
-  encoder = _t5_forward_flops(dataclasses.replace(c, num_decoder_layers=0), enc_len, 0)
-  cross_kv = 2.0 * c.num_decoder_layers * enc_len * 2 * c.d_model * inner
-  per_token = 2.0 * (c.num_decoder_layers * (6 * c.d_model * inner + ff +
-                                             2 * (e.max_new_tokens / 2) * inner +
-                                             2 * enc_len * inner) +
-                     c.d_model * c.vocab_size)
-  return batch * (encoder + cross_kv + new * per_token)
-
-
 # ------------------------------------------------------------------ the plan
 
 def _verdict(mem: dict[str, float], chip: Chip) -> tuple[bool, list[str]]:
@@ -212,16 +115,52 @@ def _failed(error: Exception, seconds: float) -> dict[str, Any]:
                      "config.llm.remat_policy='full', or a smaller micro-batch"]}
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """How much a whole run does, for the ETAs: profile items (and queries) to embed and their
+  mean encoder tokens, training examples before augmentation, and evaluation examples."""
+  items: int = 0
+  item_tokens: int = 512
+  train_examples: int = 0
+  eval_examples: int = 0
+
+
+def etas(config, system: system_lib.System, workload: Workload, chips: int,
+         peak_per_chip: float, train_step_flops_: float | None,
+         generate_flops_: float | None) -> dict[str, Any]:
+  """Seconds each stage takes at the chips' peak (a lower bound: divide by the MFU reached).
+
+  Precompute: items x the encoder's FLOPs per item at `item_tokens`. Training: steps (examples,
+  augmented copies of every example counted, x epochs, over the global step) x the step's FLOPs.
+  Evaluation: batches of config.train.eval_batch_size x one generation batch's FLOPs."""
+  peak = chips * peak_per_chip
+  per_item = flops_lib.encoder_flops_per_item(system_lib.encoder_config(config),
+                                              min(workload.item_tokens, 512))
+  out: dict[str, Any] = {'workload': dataclasses.asdict(workload),
+                         'encoder_flops_per_item': per_item,
+                         'precompute_s': workload.items * per_item / peak}
+  if train_step_flops_:
+    per_step = config.optim.batch_size * config.optim.grad_accum
+    examples = workload.train_examples * (1 + config.data.augment_copies) * config.optim.epochs
+    steps = (config.optim.max_steps if config.optim.max_steps > 0 else
+             max(1, examples // per_step))
+    out.update(train_steps=steps, train_s=steps * train_step_flops_ / peak)
+  if generate_flops_:
+    batches = -(-workload.eval_examples // config.train.eval_batch_size)
+    out.update(eval_batches=batches, eval_s=batches * generate_flops_ / peak)
+  return out
+
+
 def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None,
-         generate: bool = True) -> dict[str, Any]:
+         generate: bool = True, workload: Workload | None = None) -> dict[str, Any]:
   """Compiles the train step and (unless `generate=False`) beam-search generation for
-  `topology`; returns the plan."""
+  `topology`; returns the plan, with ETAs when `workload` is given."""
   devices = topology_devices(topology)
   kind = devices[0].device_kind
   chip = CHIPS.get(kind)
   if chip is None:
     raise UserError(f'--topology={topology!r}: device kind {kind!r} has no HBM/FLOP entry in '
-                    'pplug_jax.aot.CHIPS; add it.')
+                    'pplug_jax.flops.CHIPS; add it.')
   shape = tuple(mesh_shape or config.mesh_shape)
   validation.check_config(config, num_devices=len(devices),
                           process_count=1)  # batch / mesh divisibility on this topology
@@ -249,6 +188,7 @@ def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None,
         'compile_s': time.time() - start, 'flops': flops,
         'step_time_lower_bound_s': flops / (len(devices) * chip.peak_bf16_tflops * 1e12)}
   if not generate:
+    _add_etas(out, config, system, workload, chip)
     return out
 
   start = time.time()
@@ -268,6 +208,7 @@ def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None,
                                                 abstract_batch).compile()
   except Exception as e:
     out['generate'] = _failed(e, time.time() - start)
+    _add_etas(out, config, system, workload, chip)
     return out
   gen_mem = system_lib.memory_summary(gen_compiled)
   gen_flops = generate_flops(system, config, batch)
@@ -277,7 +218,15 @@ def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None,
       'advice': gen_advice, 'compile_s': time.time() - start, 'flops': gen_flops,
       'batch': batch, 'num_beams': config.eval.num_beams,
       'step_time_lower_bound_s': gen_flops / (len(devices) * chip.peak_bf16_tflops * 1e12)}
+  _add_etas(out, config, system, workload, chip)
   return out
+
+
+def _add_etas(out: dict[str, Any], config, system: system_lib.System,
+              workload: Workload | None, chip: Chip) -> None:
+  if workload is not None:
+    out['eta'] = etas(config, system, workload, out['chips'], chip.peak_bf16_tflops * 1e12,
+                      out['train_step'].get('flops'), out.get('generate', {}).get('flops'))
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -301,7 +250,21 @@ def format_plan(p: dict[str, Any]) -> str:
         f'{s["step_time_lower_bound_s"] * 1e3:.0f} ms at peak')
     for tip in s['advice']:
       lines.append(f'    to fit: {tip}')
+  if 'eta' in p:
+    e = p['eta']
+    w = e['workload']
+    parts = [f'precompute {_hours(e["precompute_s"])} ({w["items"]:,} items at '
+             f'{w["item_tokens"]} tokens, {e["encoder_flops_per_item"] / 1e9:.0f} GFLOP each)']
+    if 'train_s' in e:
+      parts.append(f'training {_hours(e["train_s"])} ({e["train_steps"]:,} steps)')
+    if 'eval_s' in e:
+      parts.append(f'one evaluation {_hours(e["eval_s"])} ({e["eval_batches"]:,} batches)')
+    lines.append('  ETA at peak (a lower bound; divide by the MFU reached): ' + '; '.join(parts))
   return '\n'.join(lines)
+
+
+def _hours(seconds: float) -> str:
+  return f'{seconds / 3600:.2f} h' if seconds >= 360 else f'{seconds / 60:.1f} min'
 
 
 def parse_mesh(value: str) -> tuple[int, ...] | None:
@@ -325,7 +288,10 @@ def main(argv):
   if f.json and not os.path.isdir(os.path.dirname(os.path.abspath(f.json))):
     raise UserError(f'--json={f.json}: no folder {os.path.dirname(os.path.abspath(f.json))} to '
                     'write the plan into; make it first or give another path.')
-  result = plan(f.config, f.topology, mesh)
+  workload = None
+  if f.items or f.train_examples or f.eval_examples:
+    workload = Workload(f.items, f.item_tokens, f.train_examples, f.eval_examples)
+  result = plan(f.config, f.topology, mesh, workload=workload)
   print(format_plan(result), flush=True)
   if f.json:
     fileio.write_json(f.json, result)
@@ -338,5 +304,9 @@ if __name__ == '__main__':
   flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1.')
   flags.DEFINE_string('mesh', '', 'data,model mesh shape, e.g. 1,8 (default: config.mesh_shape).')
   flags.DEFINE_string('json', '', 'Also write the plan as JSON here.')
+  flags.DEFINE_integer('items', 0, 'ETA: profile items and queries precompute embeds.')
+  flags.DEFINE_integer('item_tokens', 512, 'ETA: their mean encoder tokens (at most 512).')
+  flags.DEFINE_integer('train_examples', 0, 'ETA: training examples (before augmentation).')
+  flags.DEFINE_integer('eval_examples', 0, 'ETA: examples of one evaluation.')
   flags.mark_flags_as_required(['config', 'topology'])
   cli.run(main)

@@ -109,7 +109,9 @@ def load_params(workdir: str, which: str = 'best', attempts: int = 5) -> tuple[d
 # else changes the model, the data or the optimisation, and mixing two of those is refused.
 RESUMABLE_CHANGES = ('train.log_every', 'train.eval_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.eval_batch_size', 'train.max_eval_batches',
+                     'train.profile_steps',
                      'eval.', 'data.prefetch', 'data.rebuild_records', 'encoder.batch_size',
+                     'encoder.dtype',  # only the records depend on it, and they check it
                      'mesh_shape', 'logical_axis_rules', 'demo_compare', 'demo_optimized',
                      'ropg.', 'rspg.')  # the optimised baselines check their own inputs
 

@@ -72,6 +72,9 @@ def serving_config(plug_config: dict[str, Any], llm_path: str | os.PathLike,
     keep = recorded_tokenizer == 'byte' or (recorded_tokenizer and os.path.isdir(recorded_tokenizer))
     config.llm.tokenizer = recorded_tokenizer if keep else ''
     config.mesh_shape = (1, 1)
+    # queries embedded in the precision the records were made in ('auto' chose it there)
+    config.encoder.dtype = plug_config.get('records_fingerprint', {}).get(
+        'encoder_dtype', config.encoder.dtype)
   return config
 
 

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from pplug_jax import cli, features, fileio, partitioning, tokenizers
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
-from pplug_jax.models import hf_weights
+from pplug_jax.models import hf_weights, numerics
 from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.workdir_lock import records_lock
 
@@ -40,7 +40,7 @@ def fingerprint(config) -> dict[str, Any]:
   out = dict(
       task=spec.name, split_type=config.split_type, encoder_name=config.encoder.name,
       pooling=config.encoder.pooling, normalize=bool(config.encoder.normalize),
-      embedding_dtype=config.data.embedding_dtype, encoder_dtype=config.encoder.dtype,
+      embedding_dtype=config.data.embedding_dtype, encoder_dtype=numerics.resolve_dtype(config.encoder.dtype),
       query_prefix=config.encoder.query_prefix,
       llm_tokenizer=tokenizers.tokenizer_name(tokenizers.llm_tokenizer(config)),
       max_input_length=config.data.max_input_length,

@@ -23,7 +23,8 @@ from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from pplug_jax import (checkpoints, cli, fileio, generation, partitioning, precompute,
+from pplug_jax import (checkpoints, cli, fileio, flops as flops_lib, generation, partitioning,
+                       precompute,
                        system as system_lib, validation)
 from pplug_jax.data import lamp, pipeline, records
 from pplug_jax.errors import ConfigError, RecordsError, WorkdirError
@@ -180,6 +181,12 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                  '%.1f MiB, generated code %.1f MiB', *shape, 100 * share,
                  *(mem.get(k, 0.0) * 1024 for k in ('arguments', 'outputs', 'temporaries',
                                                      'code')))
+  # model FLOPs of each bucket's step (analytic, as MFU counts them) and the devices' peak
+  step_flops = {shape: flops_lib.train_step_flops(system, config, shape)
+                for shape in steps_by_shape}
+  peak, peak_source = flops_lib.peak_flops_per_device()
+  logging.info('MFU is against %s per device (%s)',
+               f'{peak / 1e12:.2f} TFLOP/s' if peak else 'no peak', peak_source)
   manager, best = checkpoints.managers(workdir, config.train.keep_checkpoints)
   latest = manager.latest_step()
   if latest is not None:
@@ -216,8 +223,11 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step', mininterval=5,
              disable=not main_process)
   t0, seen, pending, last_eval = time.time(), 0, None, {}
+  done_flops, tokens = 0.0, 0
+  profiler = _Profiler(config.train.profile_steps, os.path.join(workdir, 'profile'))
   step = start_step
   while step < total_steps:
+    profiler.before(step)
     try:
       batch = next(batches)
     except StopIteration:  # the data repeats endlessly, so only empty shards can end it
@@ -232,19 +242,31 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       _check_finite(*pending)
     step += 1
     seen += per_step
+    done_flops += step_flops[shape]
+    # real (unpadded) input and target tokens; every process's batch is alike in size
+    tokens += int(batch['input_mask'].sum() + batch['target_mask'].sum()) * jax.process_count()
+    profiler.after(step, state)
     pending = (metrics['loss'], step)
     bar.update(1)
     if _is_due(step, config.train.log_every, total_steps):
       loss = float(metrics['loss'])
       _check_finite(loss, step)
-      rate = seen / (time.time() - t0)
+      elapsed = time.time() - t0
+      rate = seen / elapsed
       eta = (total_steps - step) * per_step / max(rate, 1e-9)
       lr = float(schedule(step))
-      logging.info('step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f examples/s ETA %.0fs',
-                   step, total_steps, loss, lr, float(metrics['grad_norm']), rate, eta)
+      tflops = done_flops / elapsed / jax.device_count() / 1e12  # model TFLOP/s per device
+      mfu = f' MFU {100 * tflops * 1e12 / peak:.1f}%' if peak else ''
+      logging.info('step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f examples/s %.0f tokens/s '
+                   '%.3f TFLOP/s/device%s ETA %.0fs', step, total_steps, loss, lr,
+                   float(metrics['grad_norm']), rate, tokens / elapsed, tflops, mfu, eta)
       writer.add_scalar('train/loss', loss, step)
       writer.add_scalar('train/lr', lr, step)
       writer.add_scalar('train/examples_per_second', rate, step)
+      writer.add_scalar('train/tokens_per_second', tokens / elapsed, step)
+      writer.add_scalar('train/model_tflops_per_device', tflops, step)
+      if peak:
+        writer.add_scalar('train/mfu', tflops * 1e12 / peak, step)
     if _is_due(step, config.train.eval_every, total_steps):
       last_eval = evaluate(state['params'])
       logging.info('step %d dev: %s', step, _fmt(last_eval))
@@ -255,6 +277,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if _is_due(step, config.train.checkpoint_every, total_steps):
       manager.save(step, args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
   bar.close()
+  profiler.close(state)
   if pending is not None:
     _check_finite(*pending)
   manager.wait_until_finished()
@@ -269,6 +292,31 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if main_process:
     fileio.write_json(os.path.join(workdir, 'train_result.json'), result)
   return result
+
+
+class _Profiler:
+  """A jax.profiler trace of the steps after `start` up to `stop` (config.train.profile_steps)
+  in `logdir`, for TensorBoard's profile tab or Perfetto; each process writes its own."""
+
+  def __init__(self, steps: tuple[int, ...], logdir: str):
+    self.start, self.stop = tuple(steps) or (-1, -1)
+    self.logdir, self.active = logdir, False
+
+  def before(self, step: int) -> None:
+    if self.start <= step < self.stop and not self.active:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+      logging.info('Profiling steps %d to %d into %s', step + 1, self.stop, self.logdir)
+
+  def after(self, step: int, state: Any) -> None:
+    if self.active and step >= self.stop:
+      self.close(state)
+
+  def close(self, state: Any) -> None:
+    if self.active:
+      jax.block_until_ready(state)  # the traced steps' device work ends inside the trace
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _is_due(step: int, every: int, total: int) -> bool:

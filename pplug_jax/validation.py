@@ -71,7 +71,8 @@ def _problems_of_values(c) -> list[str]:
          f'must be lengths in 1..{maximum} (the maximum is always added), or () for automatic')
   one_of('encoder.mode', ENCODER_MODES)
   one_of('encoder.pooling', bert.POOLINGS)
-  for key in ('encoder.dtype', 'llm.dtype', 'llm.param_dtype', 'plug.dtype'):
+  one_of('encoder.dtype', (numerics.AUTO, *numerics.DTYPES))
+  for key in ('llm.dtype', 'llm.param_dtype', 'plug.dtype'):
     one_of(key, numerics.DTYPES)
   one_of('llm.remat_policy', ('none', *t5.REMAT_POLICIES))
   need(c.plug.persona_scale == -1 or c.plug.persona_scale > 0, 'plug.persona_scale',
@@ -94,6 +95,10 @@ def _problems_of_values(c) -> list[str]:
        'must be > 0, or -1 to train for config.optim.epochs')
   if c.optim.max_steps == -1:
     need(c.optim.epochs > 0, 'optim.epochs', 'must be > 0 (or set config.optim.max_steps)')
+  profile = tuple(c.train.get('profile_steps', ()))
+  need(profile == () or (len(profile) == 2 and all(isinstance(s, int) for s in profile) and
+                         0 <= profile[0] < profile[1]), 'train.profile_steps',
+       'use () (off) or (start, stop) with 0 <= start < stop: the steps to trace')
   need(c.train.max_eval_batches == -1 or c.train.max_eval_batches > 0, 'train.max_eval_batches',
        'must be > 0, or -1 for the whole split')
   need(c.eval.explain_top_k >= 0, 'eval.explain_top_k', 'must be >= 0')

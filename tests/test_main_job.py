@@ -1,7 +1,9 @@
 """The main job end to end: the demo learns, and a SIGKILLed run resumes to the same result."""
 
+import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,9 +78,11 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_run, tmp_path):
   straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
   _prepared_copy(src, straight)
   _prepared_copy(src, killed)
-  proc = subprocess.run(_train_cmd(straight, *flags), cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
+  # the uninterrupted run also traces steps 4 and 5: profiling changes no result
+  proc = subprocess.run(_train_cmd(straight, *flags, '--config.train.profile_steps=(3,5)'),
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  _check_profile_and_throughput(straight, proc.stderr)
 
   victim = subprocess.Popen(_train_cmd(killed, *flags), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -98,6 +102,26 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_run, tmp_path):
   import jax
   diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b))
   assert max(diffs) == 0.0, max(diffs)
+
+
+def _check_profile_and_throughput(workdir, log):
+  """A jax.profiler trace in <workdir>/profile; model TFLOP/s per device, MFU (against the
+  measured CPU matmul peak) and tokens/s in the log and in TensorBoard."""
+  traces = glob.glob(os.path.join(workdir, 'profile', '**', '*.xplane.pb'), recursive=True)
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
+  assert 'Profiling steps 4 to 5' in log
+  assert 'MFU is against' in log and 'measured float32 matmul' in log
+  lines = re.findall(r'step (\d+)/40 .* ([\d.]+) tokens/s ([\d.]+) TFLOP/s/device MFU ([\d.]+)%',
+                     log)
+  assert [int(l[0]) for l in lines] == [10, 20, 30, 40], lines
+  for _, tokens, tflops, mfu in lines:
+    assert float(tokens) > 0 and float(tflops) > 0 and 0 < float(mfu) < 100
+  import tensorflow as tf
+  tags = set()
+  for event_file in glob.glob(os.path.join(workdir, 'tensorboard', 'events.*')):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      tags.update(v.tag for v in event.summary.value)
+  assert {'train/mfu', 'train/model_tflops_per_device', 'train/tokens_per_second'} <= tags, tags
 
 
 def _demo_config(workdir):

@@ -547,8 +547,10 @@ def decoder_embedding_table(path: str) -> np.ndarray:
 
 def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable | None = None,
               abstract: bool = False, hf: dict[str, Any] | None = None,
+              compute_dtype: Any = jnp.float32,
               **config_overrides) -> tuple[bert_lib.BertConfig, Params]:
-  """Loads a Hugging Face BERT directory (BGE, MiniLM, Contriever) as (BertConfig, params).
+  """Loads a Hugging Face BERT directory (BGE, MiniLM, Contriever) as (BertConfig, params):
+  the weights in `dtype`, the layers computing in `compute_dtype`.
 
   Pooling defaults to the sentence-transformers setting in `1_Pooling/config.json` when the
   directory has one; pass `pooling=` / `normalize=` to choose. `abstract` and `hf` as for
@@ -557,7 +559,7 @@ def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable 
   hf = hf if hf is not None else read_hf_config(path)
   if hf.get('model_type') not in (None, 'bert'):
     raise CheckpointError(f'{path}/config.json: model_type={hf.get("model_type")!r}, not bert.')
-  overrides = dict(param_dtype=dtype)
+  overrides = dict(param_dtype=dtype, dtype=compute_dtype)
   if path and os.path.isdir(path):
     overrides.update(sentence_transformers_pooling(path))
   overrides.update(config_overrides)

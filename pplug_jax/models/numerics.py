@@ -25,3 +25,14 @@ def as_dtype(name_or_dtype: Any) -> Any:
       raise ValueError(f'Unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES)}.')
     return DTYPES[name_or_dtype]
   return name_or_dtype
+
+
+AUTO = 'auto'
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+  """A dtype name with 'auto' chosen for the backend: bfloat16 on TPU and GPU (their matmul
+  units run it at full rate), float32 on CPU (where bfloat16 is emulated and slower)."""
+  if name != AUTO:
+    return name
+  return 'float32' if (backend or jax.default_backend()) == 'cpu' else 'bfloat16'
