@@ -105,7 +105,35 @@ CONFIG_ROWS = [
               'config.data.input_buckets=(0, 64): must be lengths in 1..128'),
     ConfigRow('bucket bound past the maximum', {'data.target_buckets': (200,)},
               'config.data.target_buckets=(200,): must be lengths in 1..16'),
+    ConfigRow('encoder dtype typo', {'encoder.dtype': 'bf16'},
+              "config.encoder.dtype='bf16': use one of ['auto', 'bfloat16', 'float16', "
+              "'float32']"),
+    ConfigRow('profile steps backwards', {'train.profile_steps': (5, 2)},
+              'config.train.profile_steps=(5, 2): use () (off) or (start, stop) with 0 <= start '
+              '< stop'),
+    ConfigRow('profile steps one number', {'train.profile_steps': (5,)},
+              'config.train.profile_steps=(5,): use () (off) or (start, stop)'),
 ]
+
+
+# configs/lamp.py arguments that name no runnable system: each refused, naming what to give
+CONFIG_ARG_ROWS = [
+    ('task=2,llm=decoder', "llm=decoder is the demo's tiny decoder-only model; use "
+                           'configs/lamp.py:demo,llm=decoder'),
+    ('demo,llm=llama2-7b', 'the demo makes its own tiny model (T5, or llm=decoder); '
+                           'llm=llama2-7b needs a real config, e.g. configs/lamp.py:task=2,llm=llama2-7b'),
+    ('task=2,size=xl,llm=llama2-7b', 'size=xl and llm=llama2-7b name two backbones; give one'),
+    ('demo,task=4', 'the demo is synthetic LaMP-2; task=4 needs a real config'),
+    ('task=2,llm=gpt2', "llm='gpt2' must be one of"),
+    ('task=2,encoder=e5', "encoder='e5' must be one of"),
+]
+
+
+@pytest.mark.parametrize('arg,fragment', CONFIG_ARG_ROWS, ids=[a for a, _ in CONFIG_ARG_ROWS])
+def test_config_argument_rows(arg, fragment):
+  with pytest.raises(ValueError) as err:
+    lamp_config.get_config(arg)
+  assert fragment in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize('row', CONFIG_ROWS, ids=lambda r: r.name)
