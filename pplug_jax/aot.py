@@ -130,12 +130,14 @@ def etas(config, system: system_lib.System, workload: Workload, chips: int,
          generate_flops_: float | None) -> dict[str, Any]:
   """Seconds each stage takes at the chips' peak (a lower bound: divide by the MFU reached).
 
-  Precompute: items x the encoder's FLOPs per item at `item_tokens`. Training: steps (examples,
-  augmented copies of every example counted, x epochs, over the global step) x the step's FLOPs.
+  Precompute: items x the encoder's FLOPs per item at `item_tokens` (at most
+  data.item_max_length). Training: steps (examples with data.augment_copies copies each, as if
+  every history had more than 2 items, x epochs, over the global step) x the step's FLOPs at the
+  maximum lengths, so at most as many steps, each at most as long as bucketed.
   Evaluation: batches of config.train.eval_batch_size x one generation batch's FLOPs."""
   peak = chips * peak_per_chip
-  per_item = flops_lib.encoder_flops_per_item(system_lib.encoder_config(config),
-                                              min(workload.item_tokens, 512))
+  per_item = flops_lib.encoder_flops_per_item(
+      system_lib.encoder_config(config), min(workload.item_tokens, config.data.item_max_length))
   out: dict[str, Any] = {'workload': dataclasses.asdict(workload),
                          'encoder_flops_per_item': per_item,
                          'precompute_s': workload.items * per_item / peak}

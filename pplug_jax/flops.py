@@ -10,13 +10,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from pplug_jax import system as system_lib
+from pplug_jax.data import pipeline
 from pplug_jax.models import bert as bert_lib, decoder as decoder_lib, plug as plug_lib, \
     t5 as t5_lib
+
+if TYPE_CHECKING:  # the system is only read here, so no import of it at run time
+  from pplug_jax import system as system_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +94,7 @@ def train_step_flops(system: system_lib.System, config,
   fwd = llm_forward_flops(c, input_len + plug_lib.num_soft_tokens(config.plug), target_len)
   llm = fwd * (3 if c.remat_policy != 'none' else 2)
   de, dl = system.encoder_dim, c.d_model
-  plug = 3 * 2.0 * d.max_history * (de * dl + dl * dl)
+  plug = 3 * 2.0 * pipeline.history_length(config) * (de * dl + dl * dl)
   return (llm + plug) * config.optim.batch_size * config.optim.grad_accum
 
 
@@ -126,9 +130,11 @@ def generate_flops(system: system_lib.System, config, batch: int) -> float:
 
 # On a running TPU VM, jax's v4 device is a whole chip (both TensorCores, megacore).
 _RUNTIME_TFLOPS = {'TPU v4': 275.0}
-# Dense bf16 peaks of NVIDIA GPUs (SXM parts), matched by a substring of device_kind.
-_GPU_TFLOPS = (('H200', 989.0), ('H100', 989.0), ('A100', 312.0), ('L4', 121.0),
-               ('A10', 125.0), ('V100', 125.0))
+# Dense bf16 peaks of NVIDIA GPUs, matched by a substring of device_kind, the more specific
+# names first ('A100' before 'A10', 'L40S' before 'L4', PCIe before SXM).
+_GPU_TFLOPS = (('H100 PCIe', 756.0), ('H100', 989.0), ('H200', 989.0), ('GH200', 989.0),
+               ('A100', 312.0), ('A10G', 125.0), ('A10', 125.0), ('L40S', 362.0),
+               ('L4', 121.0))
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,7 +40,8 @@ def fingerprint(config) -> dict[str, Any]:
   out = dict(
       task=spec.name, split_type=config.split_type, encoder_name=config.encoder.name,
       pooling=config.encoder.pooling, normalize=bool(config.encoder.normalize),
-      embedding_dtype=config.data.embedding_dtype, encoder_dtype=numerics.resolve_dtype(config.encoder.dtype),
+      embedding_dtype=config.data.embedding_dtype,
+      encoder_dtype=numerics.resolve_dtype(config.encoder.dtype),
       query_prefix=config.encoder.query_prefix,
       llm_tokenizer=tokenizers.tokenizer_name(tokenizers.llm_tokenizer(config)),
       max_input_length=config.data.max_input_length,
@@ -81,6 +82,10 @@ def verify_records(config, out_dir: str, current: dict[str, Any] | None = None,
   meta = records.read_metadata(out_dir)
   current = fingerprint(config) if current is None else current
   old = meta.get('fingerprint', {})
+  if config.encoder.dtype == numerics.AUTO and 'encoder_dtype' in old:
+    # 'auto' takes the precision the records hold: records made on a TPU (bfloat16) serve a
+    # run on CPU, and a resumed precompute goes on in the precision it began with
+    current = dict(current, encoder_dtype=old['encoder_dtype'])
   keys = set(current) | (set(old) & set(_OPTIONAL_KEYS))  # an optional key may be set on one side
   changed = {k: (old.get(k), current.get(k)) for k in keys if old.get(k) != current.get(k)}
   if changed:
@@ -171,16 +176,16 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
     raise lamp.LampError(f'config.data.lamp_dir={config.data.lamp_dir!r}: no {root}. Download '
                          f'LaMP ({spec.name}) and point config.data.lamp_dir at the folder '
                          f'holding {os.path.basename(root)}/.')
-  encoder = TextEncoder(config.encoder.path, config.encoder.pooling, config.encoder.normalize,
-                        config.encoder.dtype, config.encoder.batch_size,
-                        config.data.item_max_length)
   llm_tok = tokenizers.llm_tokenizer(config)
   encoding = tokenizers.llm_encoding(config, llm_tok)  # validated before any work
   current = fingerprint(config)
+  meta = verify_records(config, out_dir, current) or {'fingerprint': current, 'splits': {}}
+  encoder = TextEncoder(config.encoder.path, config.encoder.pooling, config.encoder.normalize,
+                        meta['fingerprint']['encoder_dtype'], config.encoder.batch_size,
+                        config.data.item_max_length)
   if current['dim'] != encoder.dim:  # read from config.json, then from the loaded weights
     raise RecordsError(f'{config.encoder.path}: config.json says hidden_size {current["dim"]}, '
                        f'the weights give {encoder.dim}.')
-  meta = verify_records(config, out_dir, current) or {'fingerprint': current, 'splits': {}}
   main_process, pi, pc = jax.process_index() == 0, jax.process_index(), jax.process_count()
   if main_process:  # process 0 writes the metadata; each process encodes its own shards
     records.write_metadata(out_dir, meta)

@@ -223,61 +223,70 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step', mininterval=5,
              disable=not main_process)
   t0, seen, pending, last_eval = time.time(), 0, None, {}
-  done_flops, tokens = 0.0, 0
+  done_flops, tokens, paused = 0.0, 0, 0.0
   profiler = _Profiler(config.train.profile_steps, os.path.join(workdir, 'profile'))
+  profiler.check_reachable(start_step, total_steps)
   step = start_step
-  while step < total_steps:
-    profiler.before(step)
-    try:
-      batch = next(batches)
-    except StopIteration:  # the data repeats endlessly, so only empty shards can end it
-      raise RecordsError(f'{records_path}: process {jax.process_index()} has no training '
-                         'examples in its shard files; make the records with more examples than '
-                         'config.data.num_shards.') from None
-    micro_batches = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}
-    global_batch = pipeline.to_global(micro_batches, mesh, system.rules, leading=1)
-    shape = (batch['input_ids'].shape[-1], batch['target_ids'].shape[-1])
-    state, metrics = steps_by_shape[shape](state, system.llm_params, global_batch)
-    if pending is not None:  # check the previous step's loss without stalling this one
-      _check_finite(*pending)
-    step += 1
-    seen += per_step
-    done_flops += step_flops[shape]
-    # real (unpadded) input and target tokens; every process's batch is alike in size
-    tokens += int(batch['input_mask'].sum() + batch['target_mask'].sum()) * jax.process_count()
-    profiler.after(step, state)
-    pending = (metrics['loss'], step)
-    bar.update(1)
-    if _is_due(step, config.train.log_every, total_steps):
-      loss = float(metrics['loss'])
-      _check_finite(loss, step)
-      elapsed = time.time() - t0
-      rate = seen / elapsed
-      eta = (total_steps - step) * per_step / max(rate, 1e-9)
-      lr = float(schedule(step))
-      tflops = done_flops / elapsed / jax.device_count() / 1e12  # model TFLOP/s per device
-      mfu = f' MFU {100 * tflops * 1e12 / peak:.1f}%' if peak else ''
-      logging.info('step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f examples/s %.0f tokens/s '
-                   '%.3f TFLOP/s/device%s ETA %.0fs', step, total_steps, loss, lr,
-                   float(metrics['grad_norm']), rate, tokens / elapsed, tflops, mfu, eta)
-      writer.add_scalar('train/loss', loss, step)
-      writer.add_scalar('train/lr', lr, step)
-      writer.add_scalar('train/examples_per_second', rate, step)
-      writer.add_scalar('train/tokens_per_second', tokens / elapsed, step)
-      writer.add_scalar('train/model_tflops_per_device', tflops, step)
-      if peak:
-        writer.add_scalar('train/mfu', tflops * 1e12 / peak, step)
-    if _is_due(step, config.train.eval_every, total_steps):
-      last_eval = evaluate(state['params'])
-      logging.info('step %d dev: %s', step, _fmt(last_eval))
-      for k, v in last_eval.items():
-        writer.add_scalar(f'dev/{k}', v, step)
-      best.save(step, args=checkpoints.save_args(state, {'step': step, 'dev': last_eval}),
-                metrics={'score': float(score_of(last_eval))})
-    if _is_due(step, config.train.checkpoint_every, total_steps):
-      manager.save(step, args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
+  try:
+    while step < total_steps:
+      profiler.before(step)
+      try:
+        batch = next(batches)
+      except StopIteration:  # the data repeats endlessly, so only empty shards can end it
+        raise RecordsError(f'{records_path}: process {jax.process_index()} has no training '
+                           'examples in its shard files; make the records with more examples than '
+                           'config.data.num_shards.') from None
+      micro_batches = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}
+      global_batch = pipeline.to_global(micro_batches, mesh, system.rules, leading=1)
+      shape = (batch['input_ids'].shape[-1], batch['target_ids'].shape[-1])
+      state, metrics = steps_by_shape[shape](state, system.llm_params, global_batch)
+      if pending is not None:  # check the previous step's loss without stalling this one
+        _check_finite(*pending)
+      step += 1
+      seen += per_step
+      done_flops += step_flops[shape]
+      # real (unpadded) input and target tokens of this process's batch; over several processes
+    # an estimate (x processes: their batches are alike in size, not in padding)
+      tokens += int(batch['input_mask'].sum() + batch['target_mask'].sum()) * jax.process_count()
+      profiler.after(step, state)
+      pending = (metrics['loss'], step)
+      bar.update(1)
+      if _is_due(step, config.train.log_every, total_steps):
+        loss = float(metrics['loss'])
+        _check_finite(loss, step)
+        elapsed = time.time() - t0 - paused  # training alone: evaluations and saves left out
+        rate = seen / elapsed
+        eta = (total_steps - step) * per_step / max(rate, 1e-9)
+        lr = float(schedule(step))
+        tflops = done_flops / elapsed / jax.device_count() / 1e12  # model TFLOP/s per device
+        mfu = f' MFU {100 * tflops * 1e12 / peak:.1f}%' if peak else ''
+        logging.info('step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f examples/s %.0f tokens/s '
+                     '%.3f TFLOP/s/device%s ETA %.0fs', step, total_steps, loss, lr,
+                     float(metrics['grad_norm']), rate, tokens / elapsed, tflops, mfu, eta)
+        writer.add_scalar('train/loss', loss, step)
+        writer.add_scalar('train/lr', lr, step)
+        writer.add_scalar('train/examples_per_second', rate, step)
+        writer.add_scalar('train/tokens_per_second', tokens / elapsed, step)
+        writer.add_scalar('train/model_tflops_per_device', tflops, step)
+        if peak:
+          writer.add_scalar('train/mfu', tflops * 1e12 / peak, step)
+      if _is_due(step, config.train.eval_every, total_steps):
+        began = time.time()
+        last_eval = evaluate(state['params'])
+        logging.info('step %d dev: %s', step, _fmt(last_eval))
+        for k, v in last_eval.items():
+          writer.add_scalar(f'dev/{k}', v, step)
+        best.save(step, args=checkpoints.save_args(state, {'step': step, 'dev': last_eval}),
+                  metrics={'score': float(score_of(last_eval))})
+        paused += time.time() - began
+      if _is_due(step, config.train.checkpoint_every, total_steps):
+        began = time.time()
+        manager.save(step, args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
+        paused += time.time() - began
+    profiler.close(state)  # the traced steps' device work ends inside the trace
+  finally:
+    profiler.close(None)  # a trace begun is ended, even when a step fails
   bar.close()
-  profiler.close(state)
   if pending is not None:
     _check_finite(*pending)
   manager.wait_until_finished()
@@ -308,13 +317,21 @@ class _Profiler:
       self.active = True
       logging.info('Profiling steps %d to %d into %s', step + 1, self.stop, self.logdir)
 
+  def check_reachable(self, first_step: int, total_steps: int) -> None:
+    """Says so when no step this run makes falls in the window (resumed past it, or too few)."""
+    if self.stop > 0 and (self.stop <= first_step or self.start >= total_steps):
+      logging.warning('config.train.profile_steps=(%d, %d): this run makes steps %d to %d, so '
+                      'nothing is traced.', self.start, self.stop, first_step + 1, total_steps)
+
   def after(self, step: int, state: Any) -> None:
     if self.active and step >= self.stop:
       self.close(state)
 
   def close(self, state: Any) -> None:
+    """Ends the trace; with `state`, after the traced steps' device work has finished."""
     if self.active:
-      jax.block_until_ready(state)  # the traced steps' device work ends inside the trace
+      if state is not None:
+        jax.block_until_ready(state)
       jax.profiler.stop_trace()
       self.active = False
 

@@ -147,6 +147,11 @@ def _problems_with_devices(c, num_devices: int, process_count: int) -> list[str]
     return [str(e)]
   data = shape[partitioning.MESH_AXES.index('data')]
   p = []
+  if process_count > 1 and data % process_count:
+    p.append(f'config.mesh_shape={tuple(c.mesh_shape)}: its data axis ({data} on {num_devices} '
+             f'devices) must be a multiple of the {process_count} processes, since each process '
+             f'feeds its own examples; put the processes on the data axis, e.g. '
+             f'config.mesh_shape=({process_count}, -1).')
   if c.optim.batch_size > 0 and (c.optim.batch_size % data or c.optim.batch_size % process_count):
     p.append(f'config.optim.batch_size={c.optim.batch_size}: must be a multiple of the data-'
              f'parallel size {data} (config.mesh_shape={tuple(c.mesh_shape)} on {num_devices} '

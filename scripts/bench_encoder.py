@@ -57,7 +57,7 @@ def lamp4_texts(root: str, users: int) -> list[str]:
   them for LaMP-4 (idx == 4), in file order."""
   synthetic.generate(root, 'LaMP_4', users={'train': users, 'dev': 0, 'test': 0}, seed=0,
                      lengths='lamp', long_frac=0.0)
-  with open(os.path.join(root, 'LaMP_4', 'user', 'train_questions.json')) as f:
+  with open(os.path.join(root, 'LaMP_4', 'train_questions.json')) as f:
     questions = json.load(f)
   texts = []
   for q in questions:

@@ -81,6 +81,7 @@ class ConfigRow:
   overrides: dict
   fragment: str
   devices: int = 1
+  processes: int = 1
 
 
 CONFIG_ROWS = [
@@ -105,6 +106,9 @@ CONFIG_ROWS = [
               'config.data.input_buckets=(0, 64): must be lengths in 1..128'),
     ConfigRow('bucket bound past the maximum', {'data.target_buckets': (200,)},
               'config.data.target_buckets=(200,): must be lengths in 1..16'),
+    ConfigRow('model axis over the processes', {'mesh_shape': (1, -1)},
+              'config.mesh_shape=(1, -1): its data axis (1 on 8 devices) must be a multiple of '
+              'the 2 processes', devices=8, processes=2),
     ConfigRow('encoder dtype typo', {'encoder.dtype': 'bf16'},
               "config.encoder.dtype='bf16': use one of ['auto', 'bfloat16', 'float16', "
               "'float32']"),
@@ -139,7 +143,8 @@ def test_config_argument_rows(arg, fragment):
 @pytest.mark.parametrize('row', CONFIG_ROWS, ids=lambda r: r.name)
 def test_config_value_rows(row):
   config = lamp_config.get_config('demo')
-  validation.check_config(config, num_devices=row.devices, process_count=1)  # valid as made
+  validation.check_config(config, num_devices=row.devices,
+                          process_count=row.processes)  # valid as made
   for key, value in row.overrides.items():
     node = config
     *parents, name = key.split('.')
@@ -147,7 +152,7 @@ def test_config_value_rows(row):
       node = node[p]
     node[name] = value
   with pytest.raises(ConfigError) as err:
-    validation.check_config(config, num_devices=row.devices, process_count=1)
+    validation.check_config(config, num_devices=row.devices, process_count=row.processes)
   assert row.fragment in str(err.value), str(err.value)
   assert 'lower the batch size' not in str(err.value)
 

@@ -1,5 +1,8 @@
 """The text encoder: data parallel over devices, bf16 by default on accelerators, prefetched."""
 
+import threading
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -42,13 +45,37 @@ def test_a_failure_while_batching_reaches_the_caller():
     next(items)
 
 
-def test_auto_dtype_is_bf16_on_accelerators_and_fingerprinted(prepared, monkeypatch):  # noqa: F811
+def test_a_consumer_that_stops_early_stops_the_producer():
+  produced = []
+
+  def endless():
+    while True:
+      produced.append(len(produced))
+      yield produced[-1]
+  before = threading.active_count()
+  items = text_encoder._in_background(endless(), depth=2)
+  assert [next(items) for _ in range(3)] == [0, 1, 2]
+  items.close()  # as when the caller raises: the generator's finally stops and joins the thread
+  assert threading.active_count() == before
+  count = len(produced)
+  time.sleep(0.2)
+  assert len(produced) == count <= 3 + 2 + 1  # nothing produced after the close
+
+
+def test_auto_dtype_is_bf16_on_accelerators_and_kept_by_existing_records(prepared, monkeypatch):  # noqa: F811
   assert [numerics.resolve_dtype('auto', b) for b in ('cpu', 'gpu', 'tpu')] == [
       'float32', 'bfloat16', 'bfloat16']
   assert numerics.resolve_dtype('float32', 'tpu') == 'float32'
   _, config, meta = prepared
   assert config.encoder.dtype == 'auto' and meta['fingerprint']['encoder_dtype'] == 'float32'
-  # the same config on a TPU would embed in bfloat16: these float32 records are refused there
+  # On a TPU 'auto' means bfloat16, but records already made keep their precision: float32
+  # records serve a run there (and a resumed precompute goes on in float32) ...
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert precompute.fingerprint(config.as_configdict())['encoder_dtype'] == 'bfloat16'
+  kept = precompute.verify_records(config.as_configdict(), config.data.records_dir)
+  assert kept['fingerprint']['encoder_dtype'] == 'float32'
+  # ... while a precision asked for by name is held to
+  explicit = config.as_configdict()
+  explicit.encoder.dtype = 'bfloat16'
   with pytest.raises(RecordsError, match=r"encoder_dtype: 'float32' -> 'bfloat16'"):
-    precompute.verify_records(config.as_configdict(), config.data.records_dir)
+    precompute.verify_records(explicit, config.data.records_dir)

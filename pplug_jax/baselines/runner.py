@@ -27,7 +27,7 @@ from pplug_jax.baselines.retrieval import (DENSE_METHODS, METHODS, REQUIRED_FIEL
                                            rank_profile)
 from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError
-from pplug_jax.models import backbone
+from pplug_jax.models import backbone, numerics
 
 NO_RETRIEVAL = 'none'
 
@@ -53,15 +53,22 @@ def ropg_retriever_dir(workdir: str, method: str) -> str:
   return os.path.join(workdir, 'ropg', method.split('-')[1], 'retriever')
 
 
+def retriever_dtype(config) -> str:
+  """The dense rankers' precision: config.encoder.dtype ('auto': bfloat16 on TPU/GPU)."""
+  return numerics.resolve_dtype(config.encoder.dtype)
+
+
 def dense_encoder(config, workdir: str, method: str) -> Any:
   """The TextEncoder a dense method ranks with: Contriever, or a trained ROPG retriever."""
   from pplug_jax.models.text_encoder import TextEncoder
   if method in ROPG_METHODS:
-    return TextEncoder(ropg_retriever(workdir, method), config.rag.retriever_pooling, False)
+    return TextEncoder(ropg_retriever(workdir, method), config.rag.retriever_pooling, False,
+                       retriever_dtype(config))
   if not config.rag.retriever_path:
     raise ConfigError("config.rag.retriever_path is empty: method 'contriever' needs a "
                       'Hugging Face directory of facebook/contriever.')
-  return TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False)
+  return TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False,
+                     retriever_dtype(config))
 
 
 def check_method(config, workdir: str, method: str, k: int) -> None:
@@ -194,6 +201,8 @@ def run_settings(config, workdir: str, method: str, k: int, split: str,
   elif method in ROPG_METHODS:
     out['retriever_sha256'] = fileio.sha256_of(
         [os.path.join(ropg_retriever_dir(workdir, method), 'model.safetensors')])
+  if method in DENSE_METHODS and retriever_dtype(config) != 'float32':
+    out['retriever_dtype'] = retriever_dtype(config)  # only then: float32 runs made before match
   return out
 
 

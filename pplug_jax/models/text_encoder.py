@@ -32,25 +32,29 @@ _PREFETCH = 4
 
 def _in_background(items: Iterator, depth: int) -> Iterator:
   """Yields what `items` yields, produced by a thread that runs up to `depth` items ahead (an
-  exception in it is raised here)."""
+  exception in it is raised here). When the consumer stops early (an error, or it is closed)
+  the thread stops too, and is joined before this returns."""
   q: queue.Queue = queue.Queue(maxsize=depth)
   done = object()
   stop = threading.Event()
 
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def produce():
     try:
       for item in items:
-        while not stop.is_set():
-          try:
-            q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
+        if not put(item):
           return
-      q.put(done)
+      put(done)
     except BaseException as e:  # pylint: disable=broad-except
-      q.put(e)
+      put(e)
 
   thread = threading.Thread(target=produce, daemon=True)
   thread.start()
@@ -61,6 +65,7 @@ def _in_background(items: Iterator, depth: int) -> Iterator:
       yield item
   finally:
     stop.set()
+    thread.join()
 
 
 class TextEncoder:
