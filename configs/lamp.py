@@ -212,10 +212,10 @@ def get_config(arg=None):
   c.rspg.dropout = 0.1
   c.rspg.update(SALEMI_OPTIMISATION)
 
-  # (data, model); -1 = all remaining devices. XL and XXL split the weights over 4 chips: XXL
-  # with (8, 1) needs 23 GiB of temporaries per v5e chip, (2, 4) 8.8 GiB in all (the planner),
-  # and (-1, 4) runs on 4-chip hosts (v4-8, v5p-8) and on pods (the hosts over data) as it is.
-  c.mesh_shape = (-1, 4) if size in ('xl', 'xxl') else (-1, 1)
+  # (data, model); -1 = all remaining devices. On a v5e-8, XXL needs the weights split: (8, 1)
+  # needs 23 GiB of temporaries per chip, (2, 4) 8.8 GiB (the planner); the README's runbook
+  # sets --config.mesh_shape='(-1,4)'. The default runs on any number of devices.
+  c.mesh_shape = (-1, 1)
   c.logical_axis_rules = partitioning.STANDARD_RULES
   if llm in DECODERS:
     c.llm.name = DECODERS[llm]['name']

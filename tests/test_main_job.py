@@ -263,7 +263,7 @@ def test_readme_inference_snippet_runs_as_written_on_the_demo_export(demo_run, t
   code = _readme_snippet().replace('/tmp/pplug_demo', str(workdir))
   scope: dict = {}
   exec(compile(code, 'README.md', 'exec'), scope)
-  assert scope['outputs'] == ['sci-fi', 'comedy']  # the same prompt, each user's own genre
+  assert scope['outputs'] == ['sci-fi', 'action']  # the same prompt, each user's own genre
 
 
 def test_evaluations_after_the_first_compile_nothing(demo_run):

@@ -23,11 +23,12 @@ def test_eight_devices_shard_the_batch_and_equal_one(minilm_path):
   assert out['max_abs_bf16_vs_f32'] <= 1e-2 and out['min_cos_bf16_vs_f32'] >= 0.999
 
 
-def test_chunked_prefetched_batches_keep_every_text_in_its_place(minilm_path):
+def test_chunked_prefetched_batches_keep_every_text_in_its_place(minilm_path, monkeypatch):
   rng = np.random.RandomState(1)
   words = 'one two three four five six seven eight nine ten'.split()
   texts = [' '.join(rng.choice(words, rng.randint(1, 30))) for _ in range(150)]
-  # batch 2: 64 texts per tokenized chunk, so three chunks, each sorted by length on its own
+  # 64 texts per tokenized chunk: three chunks, each sorted by length on its own
+  monkeypatch.setattr(text_encoder, 'CHUNK_TEXTS', 64)
   enc = TextEncoder(str(minilm_path), batch_size=2, dtype='float32')
   got = enc.encode(texts)
   alone = np.stack([enc.encode([t])[0] for t in texts[::7]])  # each text in a batch of its own

@@ -23,9 +23,10 @@ from pplug_jax.data import buckets
 from pplug_jax.models import bert, hf_weights
 from pplug_jax.models.numerics import as_dtype, resolve_dtype
 
-# texts tokenized (and length-sorted) together: large enough that sorting packs batches well,
-# small enough that the devices start at once
-_CHUNK_BATCHES = 32
+# texts tokenized (and length-sorted) together: enough that sorting packs batches as well as
+# sorting everything would (a shard of a small dataset is one chunk), few enough that the
+# devices start within a second
+CHUNK_TEXTS = 1 << 16
 # batches built ahead of the devices
 _PREFETCH = 4
 
@@ -113,7 +114,7 @@ class TextEncoder:
                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(row indices into texts, padded ids, mask): chunks tokenized together, length-sorted."""
     pad = self.tokenizer.pad_token_id or 0
-    chunk = self.batch_size * _CHUNK_BATCHES
+    chunk = CHUNK_TEXTS
     for first in range(0, len(texts), chunk):
       ids = self.tokenize(texts[first:first + chunk], max_length)
       order = np.argsort([len(x) for x in ids], kind='stable')
