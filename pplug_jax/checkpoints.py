@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pplug_jax import storage
 from pplug_jax import fileio
 from pplug_jax.errors import UserError, WorkdirError
 
@@ -27,7 +28,7 @@ def managers(workdir: str, keep: int) -> tuple[ocp.CheckpointManager, ocp.Checkp
   Each manager has its own barrier names: both save at an evaluation step, and with several
   processes orbax's barriers for the same step would otherwise collide.
   """
-  root = os.path.abspath(workdir)
+  root = storage.abspath(workdir)
 
   def sync(prefix):
     return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
@@ -57,10 +58,10 @@ def find(workdir: str, which: str = 'best') -> tuple[str, int]:
   if which not in ('best', 'latest'):
     raise ValueError(f"checkpoint={which!r}: use 'best' or 'latest'.")
   for sub in order:
-    folder = os.path.join(os.path.abspath(workdir), sub)
-    if not os.path.isdir(folder):
+    folder = os.path.join(storage.abspath(workdir), sub)
+    if not storage.isdir(folder):
       continue
-    steps = sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+    steps = sorted(int(d) for d in storage.listdir(folder) if d.isdigit())
     if steps:
       return os.path.join(folder, str(steps[-1])), steps[-1]
   raise CheckpointNotFound(f'{workdir}: no finished checkpoint in {" or ".join(order)}/. Train '
@@ -89,7 +90,7 @@ def load_params(workdir: str, which: str = 'best', attempts: int = 5) -> tuple[d
       break
     except Exception as e:  # rotated away mid-read, or a truncated or foreign directory
       error = e
-      if find(workdir, which)[0] != path or not os.path.isdir(path):
+      if find(workdir, which)[0] != path or not storage.isdir(path):
         time.sleep(0.2)  # replaced by a newer one (or deleted) meanwhile: read that one
         continue
       raise CheckpointNotFound(
@@ -146,16 +147,16 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def has_checkpoint(workdir: str) -> bool:
-  folder = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  return os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder))
+  folder = os.path.join(storage.abspath(workdir), 'checkpoints')
+  return storage.isdir(folder) and any(d.isdigit() for d in storage.listdir(folder))
 
 
 def check_resume_config(workdir: str, config) -> None:
   """Refuses to resume a workdir's checkpoints with a config that trains something else."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not has_checkpoint(workdir) or not os.path.exists(path):
+  if not has_checkpoint(workdir) or not storage.exists(path):
     return
-  with open(path) as f:
+  with storage.open(path) as f:
     old = json.load(f)
   changes = config_changes(old, json.loads(config.to_json()))
   if changes:
@@ -173,7 +174,7 @@ def load_config(workdir: str):
   """The config a workdir was trained with (written by train)."""
   import ml_collections
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise CheckpointNotFound(f'{workdir}: no {CONFIG_FILE}; is this a pplug_jax workdir?')
-  with open(path) as f:
+  with storage.open(path) as f:
     return ml_collections.ConfigDict(json.load(f))

@@ -24,6 +24,7 @@ import jax
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
+from pplug_jax import storage
 from pplug_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -70,11 +71,11 @@ def _config_value(argv: list[str]) -> str | None:
 def missing_config_message(value: str) -> str | None:
   """'--config …: no such file here …' with where the file is, or None when it exists."""
   path = value.partition(':')[0]
-  if not path or os.path.isfile(path):
+  if not path or storage.isfile(path):
     return None
-  ours = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+  ours = os.path.join(os.path.dirname(os.path.dirname(storage.abspath(__file__))), path)
   hint = (f', e.g. --config {ours}{value[len(path):]}' if not os.path.isabs(path) and
-          os.path.isfile(ours) else '')
+          storage.isfile(ours) else '')
   return (f'--config {value}: no file {path} in {os.getcwd()}. Run from the repository root '
           f'(the folder holding configs/), or give the config file\'s path{hint}.')
 
@@ -169,8 +170,11 @@ def define_config_and_workdir(workdir_help: str) -> None:
 
 
 def check_workdir(path: str | None, flag: str = '--workdir') -> None:
-  """A workdir (or output folder) flag names a folder, or nothing yet."""
-  if path and os.path.exists(path) and not os.path.isdir(path):
+  """A workdir (or output folder) flag names a folder, or nothing yet (on gs://, in a bucket
+  that exists)."""
+  if path:
+    storage.check_bucket(path, flag)
+  if path and storage.exists(path) and not storage.isdir(path):
     raise UserError(f'{flag}={path}: a file, not a folder. Give a folder (it is made if '
                     'missing).')
 

@@ -20,6 +20,7 @@ import optax
 from flax import linen as nn
 from absl import logging
 
+from pplug_jax import storage
 from pplug_jax import fileio, partitioning, tokenizers
 from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.errors import ConfigError
@@ -55,7 +56,7 @@ def prepare(config, workdir: str) -> None:
   for key, path in own.items():
     section, name = key.split('.')
     given = config[section][name]
-    if given and os.path.abspath(given) != os.path.abspath(path):
+    if given and storage.abspath(given) != storage.abspath(path):
       foreign.append(f'config.{key}={given!r}')
     config[section][name] = path
   config.rag.retriever_path = config.rag.retriever_path or config.encoder.path  # MiniLM
@@ -71,13 +72,13 @@ def prepare(config, workdir: str) -> None:
 def _make_files(config) -> None:
   d = config.demo_data
   info_file = os.path.join(lamp.task_dir(config.data.lamp_dir, config.task), 'synthetic_info.json')
-  if not os.path.exists(info_file):
+  if not storage.exists(info_file):
     info = synthetic.generate(config.data.lamp_dir, config.task, config.split_type,
                               {'train': d.train_users, 'dev': d.dev_users, 'test': d.test_users},
                               d.num_preferences, config.seed, d.empty_frac, d.long_frac,
                               d.mean_items, d.signal)
     logging.info('demo: synthetic data written to %s: %s', config.data.lamp_dir, info['splits'])
-  if not os.path.exists(os.path.join(config.llm.path, 'model.safetensors')):
+  if not storage.exists(os.path.join(config.llm.path, 'model.safetensors')):
     if is_decoder_demo(config):
       pretrain_tiny_decoder(config, config.llm.path)
     else:
@@ -258,7 +259,7 @@ def compare(config, workdir: str, mesh, evaluate: Callable, params: dict,
                       for m in BASELINES}
   if config.demo_optimized:
     out['baselines'].update(optimized_baselines(config, workdir, generator, mesh))
-  with open(os.path.join(lamp.task_dir(config.data.lamp_dir, config.task),
+  with storage.open(os.path.join(lamp.task_dir(config.data.lamp_dir, config.task),
                          'synthetic_info.json')) as f:
     out['best_non_personalised_accuracy'] = json.load(f)['best_non_personalised_accuracy']
   if jax.process_index() == 0:

@@ -17,6 +17,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
+from pplug_jax import storage
 from pplug_jax import (checkpoints, cli, fileio, generation, partitioning, precompute,
                        system as system_lib)
 from pplug_jax.data import lamp, records
@@ -65,7 +66,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   partitioning.maybe_initialize_distributed()
-  with held(f.workdir if os.path.isdir(f.workdir) else '', 'evaluate'):  # writes into it
+  with held(f.workdir if storage.isdir(f.workdir) else '', 'evaluate'):  # writes into it
     config = f.config if f.config is not None else checkpoints.load_config(f.workdir)
     print(json.dumps(evaluate(config, f.workdir, f.split, f.checkpoint), indent=1))
 

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from absl import flags
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
 
+from pplug_jax import storage
 from pplug_jax import checkpoints, cli, fileio, system as system_lib
 from pplug_jax.data import records
 from pplug_jax.errors import UserError
@@ -64,15 +64,15 @@ MODEL_FILES = ('config.json', 'model.safetensors', 'model.safetensors.index.json
 def check_out(workdir: str, out: str, overwrite: bool = False) -> None:
   """Refuses an --out that is the workdir, holds a model, or holds anything but an earlier
   export of this run (the last unless `overwrite`), before anything is read or written."""
-  real = os.path.realpath(out)
-  if os.path.exists(out) and not os.path.isdir(out):
+  real = storage.realpath(out)
+  if storage.exists(out) and not storage.isdir(out):
     raise UserError(f'--out={out}: a file, not a folder. Give a new or empty folder.')
-  if real == os.path.realpath(workdir):
+  if real == storage.realpath(workdir):
     raise UserError(f'--out={out} is the workdir itself; export to a folder of its own, e.g. '
                     f'--out={os.path.join(workdir, "plug")}.')
-  if not os.path.isdir(out):
+  if not storage.isdir(out):
     return
-  names = sorted(os.listdir(out))
+  names = sorted(storage.listdir(out))
   model = [n for n in names if n in MODEL_FILES or (n.endswith('.safetensors') and
                                                     n not in OWN_NAMES)]
   if model:
@@ -80,14 +80,14 @@ def check_out(workdir: str, out: str, overwrite: bool = False) -> None:
                     'would break its loading. Export to a folder of its own.')
   others = [n for n in names if n not in OWN_NAMES]
   earlier = os.path.join(out, CONFIG_FILE)
-  source = fileio.read_json(earlier).get('source_workdir') if os.path.exists(earlier) else None
+  source = fileio.read_json(earlier).get('source_workdir') if storage.exists(earlier) else None
   if overwrite:
     return
   if others:
     raise UserError(f'--out={out} already holds other files ({", ".join(others[:5])}'
                     f'{", ..." if len(others) > 5 else ""}). Give a new or empty folder, or pass '
                     '--overwrite to write the plug beside them (they are left as they are).')
-  if names and source != os.path.abspath(workdir):
+  if names and source != storage.abspath(workdir):
     raise UserError(f'--out={out} holds an export of another run ({source or "unknown"}). Give '
                     'a new folder, or pass --overwrite to replace it.')
 
@@ -109,14 +109,14 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
   scale = plug_lib.persona_scale(config, table)  # as training derives it (every row)
   metrics = {}
   result_file = os.path.join(workdir, 'train_result.json')
-  if os.path.exists(result_file):
-    with open(result_file) as f:
+  if storage.exists(result_file):
+    with storage.open(result_file) as f:
       metrics = json.load(f).get('dev', {})
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out, exist_ok=True)
   tensors = {f'plug/{k}': v for k, v in _flat(trainable['plug']).items()}
   if 'query_encoder' in trainable:
     tensors.update({f'query_encoder/{k}': v for k, v in _flat(trainable['query_encoder']).items()})
-  save_file(tensors, os.path.join(out, PLUG_FILE))
+  storage.save_safetensors(tensors, os.path.join(out, PLUG_FILE))
   if 'query_encoder' in trainable:  # the fine-tuned BGE, loadable by the official PersonalLLM
     bert_config = bert_lib.BertConfig.from_hf(hf_weights.read_hf_config(config.encoder.path),
                                               pooling=config.encoder.pooling)
@@ -150,27 +150,27 @@ def export(workdir: str, out: str, which: str = 'best', with_reference_names: bo
   # history order and size, lengths, chat template, ...): the training config, whole.
   plug_config['config'] = json.loads(config.to_json_best_effort())
   plug_config['records_fingerprint'] = fingerprint
-  plug_config['source_workdir'] = os.path.abspath(workdir)  # "an earlier export of this run"
+  plug_config['source_workdir'] = storage.abspath(workdir)  # "an earlier export of this run"
   fileio.write_json(os.path.join(out, CONFIG_FILE), plug_config)
   written = [os.path.join(out, PLUG_FILE)]
   if with_reference_names:
-    save_file(reference_names(trainable['plug']), os.path.join(out, REFERENCE_FILE))
+    storage.save_safetensors(reference_names(trainable['plug']), os.path.join(out, REFERENCE_FILE))
     written.append(os.path.join(out, REFERENCE_FILE))
   if 'query_encoder' in trainable:  # a folder of its own, written here whole
-    written += [os.path.join(d, n) for d, _, names in os.walk(os.path.join(out, QUERY_ENCODER_DIR))
+    written += [os.path.join(d, n) for d, _, names in storage.walk(os.path.join(out, QUERY_ENCODER_DIR))
                 for n in names]
   for path in written:  # safetensors writes 0600; exports are shared. Nothing else is touched.
-    os.chmod(path, 0o644)
+    storage.chmod_readable(path)
   return plug_config
 
 
 def load_export(path: str) -> tuple[dict[str, Any], dict]:
   """(plug config, trainable params tree) of an export directory, with a clear error if broken."""
   cfg_file, plug_file = os.path.join(path, CONFIG_FILE), os.path.join(path, PLUG_FILE)
-  if not os.path.exists(cfg_file) or not os.path.exists(plug_file):
+  if not storage.exists(cfg_file) or not storage.exists(plug_file):
     raise UserError(f'{path}: not a plug export (needs {CONFIG_FILE} and {PLUG_FILE}); '
                             'make one with python -m pplug_jax.export --workdir DIR --out ' + path)
-  with open(cfg_file) as f:
+  with storage.open(cfg_file) as f:
     plug_config = json.load(f)
   if plug_config.get('format') == 'pplug_jax.plug/1':
     raise UserError(f'{cfg_file}: an export from before pplug_jax recorded the input settings '
@@ -180,7 +180,7 @@ def load_export(path: str) -> tuple[dict[str, Any], dict]:
   if plug_config.get('format') != FORMAT or not isinstance(plug_config.get('config'), dict):
     raise UserError(f'{cfg_file}: unknown format {plug_config.get("format")!r} or no recorded '
                     'config; export it again with python -m pplug_jax.export.')
-  flat = load_file(plug_file)
+  flat = storage.load_safetensors(plug_file)
   tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
   if 'plug' not in tree:
     raise UserError(f'{plug_file}: holds no plug/ tensors; re-export it with '
@@ -194,7 +194,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cli.check_workdir(FLAGS.out, '--out')
-  with held(FLAGS.workdir if os.path.isdir(FLAGS.workdir) else '', 'export'):
+  with held(FLAGS.workdir if storage.isdir(FLAGS.workdir) else '', 'export'):
     cfg = export(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.reference_names,
                  overwrite=FLAGS.overwrite)
   print(json.dumps(cfg, indent=1))

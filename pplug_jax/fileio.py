@@ -1,20 +1,24 @@
-"""Small file helpers every writer shares: an atomic JSON write and a content hash."""
+"""Small file helpers every writer shares: an atomic JSON write and a content hash.
+
+All paths go through `storage`, so each helper works on local disk and on gs:// alike."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Iterable
+
+from pplug_jax import storage
+
+
+def _dumps(obj: Any, indent: int | None) -> bytes:
+  return json.dumps(obj, indent=indent, ensure_ascii=False).encode('utf-8')
 
 
 def write_json(path: str, obj: Any, indent: int | None = 1) -> None:
-  """Writes JSON through a temporary file and a rename, so a reader never sees half a file."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=indent, ensure_ascii=False)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
+  """Writes JSON whole, so a reader never sees half a file (locally a temporary file and a
+  rename; on an object store one upload, which replaces the object atomically)."""
+  storage.write_bytes(path, _dumps(obj, indent))
 
 
 def record_or_check(path: str, identity: dict[str, Any], what: str, remedy: str,
@@ -24,19 +28,23 @@ def record_or_check(path: str, identity: dict[str, Any], what: str, remedy: str,
 
   Every process checks (so all refuse alike); only the one with `write` records."""
   from pplug_jax.errors import WorkdirError
-  if os.path.exists(path):
+  if write and storage.is_remote(path) and not storage.exists(path):
+    storage.makedirs(storage.dirname(path))
+    if storage.create_once(path, _dumps(identity, 1)) is not None:
+      return  # written once (a generation precondition: no other writer can have raced us)
+  if storage.exists(path):
     old = read_json(path)
     changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if changed:
       raise WorkdirError(f'{path}: {what} were made with other settings or inputs (changed: '
                          f'{", ".join(changed)}). {remedy}')
   elif write:
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    storage.makedirs(storage.dirname(path) or '.')
     write_json(path, identity)
 
 
 def read_json(path: str) -> Any:
-  with open(path, encoding='utf-8') as f:
+  with storage.open(path, encoding='utf-8') as f:
     return json.load(f)
 
 
@@ -45,7 +53,7 @@ def sha256_of(paths: Iterable[str | None]) -> str:
   h = hashlib.sha256()
   for p in paths:
     if p:
-      with open(p, 'rb') as f:
+      with storage.open(p, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
           h.update(chunk)
   return h.hexdigest()

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from pplug_jax import storage
 from pplug_jax import export, features, generation, partitioning, system as system_lib, tokenizers
 from pplug_jax.data import buckets, lamp, pipeline
 from pplug_jax.errors import UserError
@@ -69,7 +70,7 @@ def serving_config(plug_config: dict[str, Any], llm_path: str | os.PathLike,
     config.llm.path = os.fspath(llm_path)
     config.encoder.path = os.fspath(encoder_path)
     # the recorded tokenizer when it is here ('byte' needs no files), else the LLM's own
-    keep = recorded_tokenizer == 'byte' or (recorded_tokenizer and os.path.isdir(recorded_tokenizer))
+    keep = recorded_tokenizer == 'byte' or (recorded_tokenizer and storage.isdir(recorded_tokenizer))
     config.llm.tokenizer = recorded_tokenizer if keep else ''
     config.mesh_shape = (1, 1)
     # queries embedded in the precision the records were made in ('auto' chose it there)

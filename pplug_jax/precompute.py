@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
+from pplug_jax import storage
 from pplug_jax import cli, features, fileio, partitioning, tokenizers
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
@@ -57,7 +58,7 @@ def fingerprint(config) -> dict[str, Any]:
   if config.llm.get('chat_template'):  # likewise
     out['llm_chat_template'] = True
   if config.encoder.path:
-    out.update(encoder_path=os.path.abspath(config.encoder.path),
+    out.update(encoder_path=storage.abspath(config.encoder.path),
               dim=int(hf_weights.read_hf_config(config.encoder.path)['hidden_size']),
               encoder_tokenizer=tokenizers.tokenizer_name(
                   tokenizers.load_tokenizer(config.encoder.path)))
@@ -77,7 +78,7 @@ def verify_records(config, out_dir: str, current: dict[str, Any] | None = None,
 
   Returns {} when `out_dir` holds no records yet.
   """
-  if not os.path.exists(os.path.join(out_dir, records.METADATA)):
+  if not storage.exists(os.path.join(out_dir, records.METADATA)):
     return {}
   meta = records.read_metadata(out_dir)
   current = fingerprint(config) if current is None else current
@@ -107,10 +108,10 @@ def verify_records(config, out_dir: str, current: dict[str, Any] | None = None,
 
 def delete_records(out_dir: str) -> int:
   """Removes the records pplug_jax wrote in `out_dir` (shards and metadata); returns the count."""
-  names = [n for n in os.listdir(out_dir)
+  names = [n for n in storage.listdir(out_dir)
            if n == records.METADATA or n.startswith(tuple(f'{s}.tfrecord-' for s in lamp.SPLITS))]
   for n in names:
-    os.remove(os.path.join(out_dir, n))
+    storage.remove(os.path.join(out_dir, n))
   return len(names)
 
 
@@ -146,9 +147,9 @@ def check_llm_weights(config, required: bool) -> None:
   family: checked in seconds, before the long encoding, not after it. Standalone precompute
   needs only the tokenizer, so there (required=False) a folder without weights passes."""
   path = config.llm.path
-  if not path or config.demo and not os.path.isdir(path):
+  if not path or config.demo and not storage.isdir(path):
     return
-  names = os.listdir(path) if os.path.isdir(path) else []
+  names = storage.listdir(path) if storage.isdir(path) else []
   if required or any(n.endswith(('.safetensors', '.bin', '.pt', '.pth')) for n in names):
     hf_weights.SafetensorsDir(path)
     from pplug_jax import system
@@ -162,7 +163,7 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
   config.data.records_dir never write into it at once, and the second then finds the first's
   records and verifies them against its own settings."""
   out_dir = records.records_dir(config, workdir)
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir, exist_ok=True)
   lock = records_lock(out_dir, workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
     return _run(config, workdir, stop_after_shards)
@@ -172,7 +173,7 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
   spec = lamp.task_spec(config.task)
   out_dir = records.records_dir(config, workdir)
   root = lamp.task_dir(config.data.lamp_dir, spec.name, config.split_type)
-  if not config.data.lamp_dir or not os.path.isdir(root):
+  if not config.data.lamp_dir or not storage.isdir(root):
     raise lamp.LampError(f'config.data.lamp_dir={config.data.lamp_dir!r}: no {root}. Download '
                          f'LaMP ({spec.name}) and point config.data.lamp_dir at the folder '
                          f'holding {os.path.basename(root)}/.')
@@ -212,7 +213,7 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
       records.write_metadata(out_dir, meta)
     for shard, rows in enumerate(parts):
       path = records.shard_path(out_dir, split, shard, n)
-      if shard % pc != pi or os.path.exists(path):
+      if shard % pc != pi or storage.exists(path):
         continue  # another process's, or finished earlier
       if stop_after_shards is not None and shards_done >= stop_after_shards:
         return meta
@@ -221,11 +222,9 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
       _count_reused_ids(feats, stats)
       item_emb, query_emb = features.encode(config, encoder, feats)
       stats['items_encoded'] += len(item_emb) + len(query_emb)
-      with tf.io.TFRecordWriter(path + '.tmp') as w:
-        for ex, f, q_emb in zip(shard_examples, feats, query_emb):
-          w.write(features.serialize(config, ex.id, f, ex.output, encoding, encoder, item_emb,
-                                     q_emb))
-      os.replace(path + '.tmp', path)
+      records.write_shard(path, (
+          features.serialize(config, ex.id, f, ex.output, encoding, encoder, item_emb, q_emb)
+          for ex, f, q_emb in zip(shard_examples, feats, query_emb)))
       shards_done += 1
       logging.info('%s: wrote %s (%d examples)', split, path, len(rows))
   partitioning.sync('precompute done')

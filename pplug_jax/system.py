@@ -12,6 +12,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from pplug_jax import storage
 from pplug_jax import partitioning
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert as bert_lib
@@ -125,7 +126,7 @@ def llm_family(path: str, hf: dict | None = None) -> str:
 
 def _published_config(path: str, name: str, known: dict | None, key: str) -> dict:
   """For planning without weights: path's config.json if it has one, else the published one."""
-  if path and os.path.exists(os.path.join(path, 'config.json')):
+  if path and storage.exists(os.path.join(path, 'config.json')):
     return hf_weights.read_hf_config(path)
   if known is None:
     raise ConfigError(f'config.{key}.name={name!r}: the planner does not know its shape; set '
@@ -151,7 +152,7 @@ def load_llm(config, mesh: Mesh, abstract: bool = False) -> tuple[backbone.Model
         if abstract else hf_weights.read_hf_config(path))
   if llm_family(path, hf) == 't5':
     # Resizing masks logits and changes no shape: without a tokenizer at hand the plan skips it.
-    limit = vocab_limit(config) if not abstract or os.path.isdir(path or '') else 0
+    limit = vocab_limit(config) if not abstract or storage.isdir(path or '') else 0
     llm_config, llm_params = hf_weights.load_t5(path, dtype=dtype, shardings=shardings,
                                                 abstract=abstract, hf=hf, vocab_limit=limit,
                                                 **overrides)

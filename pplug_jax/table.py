@@ -18,6 +18,7 @@ from typing import Any
 
 from absl import flags
 
+from pplug_jax import storage
 from pplug_jax import cli
 from pplug_jax.data import lamp
 from pplug_jax.errors import UserError
@@ -54,7 +55,7 @@ _NAMES = {'none': 'Ad-hoc', 'bm25': 'BM25', 'recency': 'Recency', 'contriever': 
 
 
 def _read(path: str) -> Any:
-  with open(path, encoding='utf-8') as f:
+  with storage.open(path, encoding='utf-8') as f:
     return json.load(f)
 
 
@@ -76,7 +77,7 @@ def _backbone_name(llm: dict) -> str:
 
 def _task_and_backbone(workdir: str) -> tuple[str | None, str | None]:
   config_file = os.path.join(workdir, 'config.json')
-  if os.path.exists(config_file):
+  if storage.exists(config_file):
     config = _read(config_file)
     return lamp.task_spec(config['task']).name, _backbone_name(config.get('llm', {}))
   return None, None
@@ -88,24 +89,24 @@ def collect(workdirs: list[str], split: str = 'dev') -> dict[Row, dict[str, dict
   for workdir in workdirs:
     task, backbone = _task_and_backbone(workdir)
     pplug = None
-    if os.path.exists(os.path.join(workdir, f'metrics_{split}.json')):
+    if storage.exists(os.path.join(workdir, f'metrics_{split}.json')):
       pplug = _read(os.path.join(workdir, f'metrics_{split}.json'))
-    elif split == 'dev' and os.path.exists(os.path.join(workdir, 'train_result.json')):
+    elif split == 'dev' and storage.exists(os.path.join(workdir, 'train_result.json')):
       pplug = _read(os.path.join(workdir, 'train_result.json')).get('dev')
     if pplug and task:
       found.setdefault((task, backbone), {})['PPlug'] = pplug
     base = os.path.join(workdir, 'baselines')
-    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+    for name in sorted(storage.listdir(base)) if storage.isdir(base) else []:
       metrics_file = os.path.join(base, name, f'metrics_{split}.json')
-      if not os.path.exists(metrics_file):
+      if not storage.exists(metrics_file):
         continue
       preds = os.path.join(base, name, f'predictions_{split}.json')
-      method_task = lamp.task_spec(_read(preds)['task']).name if os.path.exists(preds) else task
+      method_task = lamp.task_spec(_read(preds)['task']).name if storage.exists(preds) else task
       run_file = os.path.join(base, name, f'run_{split}.json')
       method_backbone = backbone
-      if os.path.exists(run_file):  # the run's own LLM (a workdir may hold several)
+      if storage.exists(run_file):  # the run's own LLM (a workdir may hold several)
         run = _read(run_file)
-        if not backbone or os.path.abspath(run.get('llm_path', '')) != _llm_path(workdir):
+        if not backbone or storage.abspath(run.get('llm_path', '')) != _llm_path(workdir):
           method_backbone = _backbone_name(run)
       found.setdefault((method_task, method_backbone or 'unknown backbone'),
                        {})[_column(name)] = _read(metrics_file)
@@ -117,8 +118,8 @@ def collect(workdirs: list[str], split: str = 'dev') -> dict[Row, dict[str, dict
 
 def _llm_path(workdir: str) -> str:
   config_file = os.path.join(workdir, 'config.json')
-  path = _read(config_file).get('llm', {}).get('path', '') if os.path.exists(config_file) else ''
-  return os.path.abspath(path) if path else ''
+  path = _read(config_file).get('llm', {}).get('path', '') if storage.exists(config_file) else ''
+  return storage.abspath(path) if path else ''
 
 
 def _order(columns) -> list[str]:
@@ -181,8 +182,8 @@ def write(workdirs: list[str], out: str | None = None, split: str = 'dev',
   found = collect(workdirs, split)
   text = markdown(found, paper)
   out = out or workdirs[0]
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'table1.md'), 'w', encoding='utf-8') as f:
+  storage.makedirs(out, exist_ok=True)
+  with storage.open(os.path.join(out, 'table1.md'), 'w', encoding='utf-8') as f:
     f.write(text + '\n')
   chart(found, os.path.join(out, 'table1.png'))
   return text

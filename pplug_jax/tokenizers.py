@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pplug_jax import storage
 from pplug_jax.errors import UserError
 
 _SAMPLE = 'The quick brown fox jumps over the lazy dog, and then it reads a book about movies.'
@@ -26,7 +27,9 @@ def check_tokenizer(tok: Any, path: str) -> Any:
 def load_tokenizer(path: str) -> Any:
   """The Hugging Face tokenizer saved in a model directory, checked to be a real one."""
   from transformers import AutoTokenizer
-  return check_tokenizer(AutoTokenizer.from_pretrained(path), path)
+  tok = AutoTokenizer.from_pretrained(storage.local_model_dir(path))  # gs://: a local copy
+  tok.name_or_path = path  # the name the records and checks record, never the local copy
+  return check_tokenizer(tok, path)
 
 
 def llm_tokenizer(config) -> Any:
@@ -55,9 +58,9 @@ def is_decoder_only_dir(path: str) -> bool:
   import json
   import os
   file = os.path.join(path, 'config.json')
-  if not path or not os.path.exists(file):
+  if not path or not storage.exists(file):
     return False
-  with open(file) as f:
+  with storage.open(file) as f:
     return json.load(f).get('model_type', 't5') != 't5'
 
 

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
+from pplug_jax import storage
 from pplug_jax import (checkpoints, cli, fileio, flops as flops_lib, generation, partitioning,
                        precompute,
                        system as system_lib, validation)
@@ -34,18 +35,19 @@ from pplug_jax.workdir_lock import WorkdirLock, records_lock
 
 def check_inputs(config, workdir: str) -> str:
   """Fails fast, naming the config key to set, when weights or data are missing."""
+  storage.check_config_buckets(config)
   records_path = records.records_dir(config, workdir)
-  have_records = os.path.exists(os.path.join(records_path, records.METADATA))
+  have_records = storage.exists(os.path.join(records_path, records.METADATA))
   problems = []
   files = 'config.json, model.safetensors and the tokenizer files'
-  if not config.llm.path or not os.path.isdir(config.llm.path):
+  if not config.llm.path or not storage.isdir(config.llm.path):
     problems.append(f'config.llm.path={config.llm.path!r}: download {config.llm.name} as a '
                     f'Hugging Face directory ({files}) and set it.')
   if not have_records or config.encoder.mode == 'finetune':
-    if not config.encoder.path or not os.path.isdir(config.encoder.path):
+    if not config.encoder.path or not storage.isdir(config.encoder.path):
       problems.append(f'config.encoder.path={config.encoder.path!r}: download '
                       f'{config.encoder.name} ({files}) and set it.')
-  if not have_records and not (config.data.lamp_dir and os.path.isdir(config.data.lamp_dir)):
+  if not have_records and not (config.data.lamp_dir and storage.isdir(config.data.lamp_dir)):
     problems.append(f'config.data.lamp_dir={config.data.lamp_dir!r}: download LaMP '
                     f'({config.task}) and set it, or set config.data.records_dir to records '
                     'made by pplug_jax.precompute.')
@@ -56,7 +58,7 @@ def check_inputs(config, workdir: str) -> str:
 
 
 def _records_complete(records_path: str) -> bool:
-  if not os.path.exists(os.path.join(records_path, records.METADATA)):
+  if not storage.exists(os.path.join(records_path, records.METADATA)):
     return False
   meta = records.read_metadata(records_path)
   return bool(meta.get('splits')) and all(
@@ -69,15 +71,15 @@ USERS_FILE = 'used_by.json'  # in a records folder: the workdirs that train on t
 
 def _users(records_path: str) -> list[str]:
   path = os.path.join(records_path, USERS_FILE)
-  return list(fileio.read_json(path)) if os.path.exists(path) else []
+  return list(fileio.read_json(path)) if storage.exists(path) else []
 
 
 def _register_user(records_path: str, workdir: str) -> None:
   """Notes that `workdir` trains on these records, so no other run's rebuild deletes them."""
   users = _users(records_path)
-  if os.path.abspath(workdir) not in users:
+  if storage.abspath(workdir) not in users:
     fileio.write_json(os.path.join(records_path, USERS_FILE),
-                      users + [os.path.abspath(workdir)])
+                      users + [storage.abspath(workdir)])
 
 
 def _rebuild(config, workdir: str, records_path: str, why: RecordsError) -> None:
@@ -89,7 +91,7 @@ def _rebuild(config, workdir: str, records_path: str, why: RecordsError) -> None
                        'would mix two runs: train in a new --workdir.') from None
   with records_lock(records_path, workdir):
     others = [w for w in _users(records_path)
-              if w != os.path.abspath(workdir) and os.path.isdir(w)]
+              if w != storage.abspath(workdir) and storage.isdir(w)]
     if others:
       raise WorkdirError(f'config.data.rebuild_records=True: {records_path} holds the records '
                          f'the run in {others[0]} trains and evaluates on; rebuilding them would '
@@ -124,7 +126,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   partitioning.maybe_initialize_distributed()
   tf.config.set_visible_devices([], 'GPU')
   validation.check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir, exist_ok=True)
   lock = WorkdirLock(workdir, 'train') if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
     return _train_and_evaluate(config, workdir)
@@ -357,7 +359,7 @@ def _fmt(m: dict) -> str:
 def main(argv):
   del argv
   flags_ = flags.FLAGS
-  os.makedirs(flags_.workdir, exist_ok=True)
+  storage.makedirs(flags_.workdir, exist_ok=True)
   train_and_evaluate(flags_.config, flags_.workdir)
 
 

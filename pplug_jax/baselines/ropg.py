@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
+from pplug_jax import storage
 from pplug_jax import cli, fileio, partitioning, tokenizers
 from pplug_jax.baselines import runner, trainer, utility
 from pplug_jax.baselines.retrieval import ropg_query_and_corpus
@@ -144,7 +145,7 @@ def train(config, workdir: str, objective: str, mesh: jax.sharding.Mesh | None =
 
   utility_file = utility.paths(workdir, 'train')[0]
   run_dir = os.path.join(workdir, 'ropg', objective)
-  identity = {'objective': objective, 'retriever': os.path.abspath(source),
+  identity = {'objective': objective, 'retriever': storage.abspath(source),
               'utility_sha256': fileio.sha256_of([utility_file]),
               'candidates': config.ropg.candidates, 'temperature': temperature,
               'kd_form': form if objective == 'kd' else None, 'dropout': config.ropg.dropout,

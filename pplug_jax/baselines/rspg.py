@@ -32,6 +32,7 @@ import numpy as np
 from absl import flags, logging
 from flax import linen as nn
 
+from pplug_jax import storage
 from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning, tokenizers
 from pplug_jax.baselines import runner, trainer
 from pplug_jax.data import lamp
@@ -159,7 +160,7 @@ def run(config, workdir: str, kind: str, split: str = 'dev', generator=None,
 
   run_dir = os.path.join(workdir, 'rspg', kind)
   k = config.rag.k
-  identity = {'kind': kind, 'model': os.path.abspath(path), 'retrievers': list(
+  identity = {'kind': kind, 'model': storage.abspath(path), 'retrievers': list(
       config.rspg.retrievers), 'train_outputs_sha256': fileio.sha256_of(
           [os.path.join(runner.method_dir(workdir, m, k), 'predictions_train.json')
            for m in config.rspg.retrievers]), 'temperature': temperature, 'loss_form': form,
@@ -199,7 +200,7 @@ def predict(config, workdir: str, kind: str, split: str, model: Selector, params
     result.update(metrics_lib.lamp_metrics(spec.name, outputs, [golds[i] for i in ids]))
   out = runner.method_dir(workdir, method, config.rag.k)
   if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out, exist_ok=True)
     fileio.write_json(os.path.join(out, f'predictions_{split}.json'),
                       {'task': spec.name, 'golds': [{'id': i, 'output': o, 'retriever':
                                                      methods[c]} for i, o, c in

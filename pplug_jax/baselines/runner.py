@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from pplug_jax import storage
 from pplug_jax import fileio, generation, metrics as metrics_lib, partitioning, tokenizers
 from pplug_jax import system as system_lib
 from pplug_jax.baselines.prompts import rag_prompt
@@ -44,7 +45,7 @@ def raw_questions(config, split: str) -> tuple[str, list[dict], list[lamp.Exampl
   root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
   qfile, _ = lamp.split_files(root, split)
   examples = lamp.load_split(config.data.lamp_dir, config.task, split, config.split_type)
-  with open(qfile, encoding='utf-8') as f:
+  with storage.open(qfile, encoding='utf-8') as f:
     return qfile, json.load(f), examples
 
 
@@ -87,7 +88,7 @@ def check_method(config, workdir: str, method: str, k: int) -> None:
 def ropg_retriever(workdir: str, method: str) -> str:
   """The trained ROPG retriever's directory; refused, naming the command that trains it."""
   path = ropg_retriever_dir(workdir, method)
-  if not os.path.exists(os.path.join(path, 'model.safetensors')):
+  if not storage.exists(os.path.join(path, 'model.safetensors')):
     raise ConfigError(f'{path}: no trained {method} retriever. Train it first: python -m '
                       f'pplug_jax.baselines.ropg --objective {method.split("-")[1]} '
                       f'--config ... --workdir {workdir}')
@@ -100,11 +101,11 @@ def llm_settings(config) -> dict[str, Any]:
   The weights are identified by path, size and modification time (hashing a 40 GB FlanT5-XXL
   on every run would cost minutes).
   """
-  path = os.path.abspath(config.llm.path)
-  weights = sorted((n, os.path.getsize(os.path.join(path, n)),
-                    os.stat(os.path.join(path, n)).st_mtime_ns)
-                   for n in os.listdir(path) if n.endswith('.safetensors')) \
-      if os.path.isdir(path) else []
+  path = storage.abspath(config.llm.path)
+  weights = sorted((n, storage.getsize(os.path.join(path, n)),
+                    storage.mtime_ns(os.path.join(path, n)))
+                   for n in storage.listdir(path) if n.endswith('.safetensors')) \
+      if storage.isdir(path) else []
   return {'task': lamp.task_spec(config.task).name, 'split_type': config.split_type,
           'llm_name': config.llm.name, 'llm_path': path, 'llm_weights': [list(w) for w in weights],
           'llm_tokenizer': config.llm.tokenizer, 'vocab_limit': config.llm.vocab_limit,
@@ -197,7 +198,7 @@ def run_settings(config, workdir: str, method: str, k: int, split: str,
   out = dict(llm_settings(config), method=method, k=k, split=split,
              questions_sha256=fileio.sha256_of([qfile]), seed=config.seed)
   if method == 'contriever':
-    out['retriever'] = os.path.abspath(config.rag.retriever_path)
+    out['retriever'] = storage.abspath(config.rag.retriever_path)
   elif method in ROPG_METHODS:
     out['retriever_sha256'] = fileio.sha256_of(
         [os.path.join(ropg_retriever_dir(workdir, method), 'model.safetensors')])
@@ -212,7 +213,7 @@ def load_run(workdir: str, method: str, k: int, split: str) -> dict[str, Any]:
   files = {'settings': f'run_{split}.json', 'predictions': f'predictions_{split}.json',
            'prompts': f'prompts_{split}.json', 'metrics': f'metrics_{split}.json'}
   loaded = {key: fileio.read_json(os.path.join(out, name)) for key, name in files.items()
-            if os.path.exists(os.path.join(out, name))}
+            if storage.exists(os.path.join(out, name))}
   if 'predictions' in loaded:
     loaded['predictions'] = {g['id']: g['output'] for g in loaded['predictions']['golds']}
   return loaded
@@ -253,7 +254,7 @@ def run(config, workdir: str, method: str, k: int, split: str = 'dev',
     result.update(metrics_lib.lamp_metrics(spec.name, outputs, [golds[i] for i in ids]))
   out = method_dir(workdir, method, k)
   if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out, exist_ok=True)
     fileio.write_json(os.path.join(out, f'predictions_{split}.json'),
                 {'task': spec.name, 'golds': [{'id': i, 'output': o}
                                               for i, o in zip(ids, outputs)]})

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
+from pplug_jax import storage
 from pplug_jax import fileio, partitioning
 from pplug_jax.errors import ConfigError
 
@@ -90,7 +91,7 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   state = jax.device_put(state, replicated)
   manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(run_dir), 'checkpoints'),
+      os.path.join(storage.abspath(run_dir), 'checkpoints'),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True,
           multiprocessing_options=ocp.options.MultiprocessingOptions(

@@ -31,6 +31,7 @@ import jax
 from absl import flags, logging
 from tqdm.auto import tqdm
 
+from pplug_jax import storage
 from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning
 from pplug_jax.baselines import runner
 from pplug_jax.baselines.prompts import rag_prompt
@@ -64,16 +65,16 @@ def settings(config, split: str, qfile: str) -> dict[str, Any]:
   """What the scores depend on: compared on every resume."""
   return dict(runner.llm_settings(config), split=split, questions_sha256=fileio.sha256_of([qfile]),
               candidates=config.ropg.candidates, initial_ranker=config.ropg.initial_ranker,
-              retriever=(os.path.abspath(config.rag.retriever_path)
+              retriever=(storage.abspath(config.rag.retriever_path)
                          if config.ropg.initial_ranker == 'contriever' else None))
 
 
 def read_done(path: str) -> list[dict]:
   """The whole lines of a (possibly torn) JSONL file; a partial last line is cut off the file."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   done, good_bytes = [], 0
-  with open(path, 'rb') as f:
+  with storage.open(path, 'rb') as f:
     for line in f:
       if not line.endswith(b'\n'):
         break
@@ -82,15 +83,15 @@ def read_done(path: str) -> list[dict]:
       except json.JSONDecodeError:
         break
       good_bytes += len(line)
-  if good_bytes != os.path.getsize(path) and jax.process_index() == 0:
+  if good_bytes != storage.getsize(path) and jax.process_index() == 0:
     logging.warning('%s: dropping a torn last line; its queries are scored again', path)
-    with open(path, 'r+b') as f:
+    with storage.open(path, 'r+b') as f:
       f.truncate(good_bytes)
   return done
 
 
 def _size(path: str) -> int:
-  return os.path.getsize(path) if os.path.exists(path) else 0
+  return storage.getsize(path) if storage.exists(path) else 0
 
 
 def score(config, workdir: str, split: str = 'train',
@@ -138,7 +139,7 @@ def score(config, workdir: str, split: str = 'train',
       if _size(out_file) != written:  # someone else appended: never a query twice
         done = {d['id'] for d in read_done(out_file)}
       lines = [line for line in lines if line['id'] not in done]
-      with open(out_file, 'a', encoding='utf-8') as f:
+      with storage.open(out_file, 'a', encoding='utf-8') as f:
         f.writelines(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
         f.flush()
         os.fsync(f.fileno())

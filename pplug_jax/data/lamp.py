@@ -14,6 +14,7 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
+from pplug_jax import storage
 from pplug_jax.errors import UserError
 
 SPLITS = ('train', 'dev', 'test')
@@ -124,16 +125,16 @@ def split_files(root: str, split: str) -> tuple[str, str | None]:
     raise LampError(f'Unknown split {split!r}; use one of {SPLITS}.')
   for folder in (root, os.path.join(root, split)):
     q = os.path.join(folder, f'{split}_questions.json')
-    if os.path.exists(q):
+    if storage.exists(q):
       o = os.path.join(folder, f'{split}_outputs.json')
-      return q, (o if os.path.exists(o) else None)
+      return q, (o if storage.exists(o) else None)
   raise LampError(f'{root}: no {split}_questions.json (looked in {root} and {root}/{split}). '
                   'Download LaMP from the benchmark site and set config.data.lamp_dir.')
 
 
 def _load_json(path: str) -> Any:
   try:
-    with open(path, encoding='utf-8') as f:
+    with storage.open(path, encoding='utf-8') as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise LampError(f'{path}: malformed JSON ({e}). Re-download the file.') from e
@@ -252,10 +253,10 @@ def _date_key(date: str) -> tuple:
 def write_split(root: str, split: str, task: str, examples: Sequence[dict],
                 outputs: dict[str, str] | None) -> None:
   """Writes `{split}_questions.json` (+ `{split}_outputs.json`) in the official format."""
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f'{split}_questions.json'), 'w', encoding='utf-8') as f:
+  storage.makedirs(root, exist_ok=True)
+  with storage.open(os.path.join(root, f'{split}_questions.json'), 'w', encoding='utf-8') as f:
     json.dump(list(examples), f, ensure_ascii=False)
   if outputs is not None:
     golds = [{'id': k, 'output': v} for k, v in outputs.items()]
-    with open(os.path.join(root, f'{split}_outputs.json'), 'w', encoding='utf-8') as f:
+    with storage.open(os.path.join(root, f'{split}_outputs.json'), 'w', encoding='utf-8') as f:
       json.dump({'task': task_spec(task).name, 'golds': golds}, f, ensure_ascii=False)

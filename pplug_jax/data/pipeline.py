@@ -195,7 +195,7 @@ def _corrupt_shard(files: list[str], error: tf.errors.OpError) -> RecordsError:
   """Names the first shard that fails to read (found by reading each one alone)."""
   for file in files:
     try:
-      for _ in tf.data.TFRecordDataset(file):
+      for _ in records.dataset([file]):
         pass
     except tf.errors.OpError as e:
       reason = (e.message or type(e).__name__).splitlines()[0]
@@ -210,7 +210,7 @@ def _numpy(ds: tf.data.Dataset, files: list[str]) -> Iterator[Any]:
   """ds.as_numpy_iterator(), with a read error turned into one that names the corrupt shard."""
   try:
     yield from ds.as_numpy_iterator()
-  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
     raise _corrupt_shard(files, e) from None
 
 
@@ -218,7 +218,7 @@ def _parsed(files: list[str], meta: dict[str, Any], bucket_of: Any = None,
             index: int = 0) -> tf.data.Dataset:
   """Parsed examples of `files`; with `bucket_of`, only those of bucket `index`."""
   fingerprint = meta['fingerprint']
-  ds = tf.data.TFRecordDataset(files)
+  ds = records.dataset(files)
   if bucket_of is not None:
     ds = ds.filter(lambda s: bucket_of(s) == index)
   return ds.map(records.parse_fn(fingerprint['dim'], fingerprint['embedding_dtype']),
@@ -241,7 +241,7 @@ def split_lengths(files: list[str]) -> np.ndarray:
   """[n, 3] (input, target, history) lengths of every example of `files`, in file order."""
   if not files:
     return np.zeros((0, 3), np.int32)
-  ds = tf.data.TFRecordDataset(files).map(_lengths, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = records.dataset(files).map(_lengths, num_parallel_calls=tf.data.AUTOTUNE)
   parts = list(_numpy(ds.batch(4096), files))
   return np.concatenate(parts) if parts else np.zeros((0, 3), np.int32)
 

@@ -6,15 +6,16 @@ float16), history as [n, d] with n <= max_history, most recent last.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-from typing import Any, Sequence
+import struct
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from pplug_jax import fileio
+from pplug_jax import storage
+from pplug_jax import fileio, storage
 from pplug_jax.errors import ConfigError
 
 METADATA = 'metadata.json'
@@ -99,17 +100,67 @@ def shard_path(out_dir: str, split: str, shard: int, num_shards: int) -> str:
 
 def split_shards(records_dir: str, split: str) -> list[str]:
   """The finished shard files of a split, in order."""
-  files = sorted(glob.glob(os.path.join(records_dir, f'{split}.tfrecord-*-of-*')))
+  files = sorted(storage.glob(os.path.join(records_dir, f'{split}.tfrecord-*-of-*')))
   return [f for f in files if not f.endswith('.tmp')]
 
 
 def read_metadata(records_dir: str) -> dict[str, Any]:
   path = os.path.join(records_dir, METADATA)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'{records_dir}: no {METADATA}. Run `python -m pplug_jax.precompute '
                             '--config ...` first (or set config.data.records_dir).')
-  with open(path) as f:
+  with storage.open(path) as f:
     return json.load(f)
+
+
+def _masked_crc(data: bytes) -> int:
+  import google_crc32c
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + 0xa282ead8) & 0xffffffff
+
+
+def write_shard(path: str, serialized: Iterable[bytes]) -> None:
+  """Writes a TFRecord shard so that it appears only whole.
+
+  Locally: tf.io.TFRecordWriter into `path.tmp`, then a rename. On an object store, where TF's
+  own client cannot be pointed at anything but Google's endpoint, the same TFRecord framing is
+  streamed through `storage` (an object exists only once its upload completes)."""
+  if not storage.is_remote(path):
+    with tf.io.TFRecordWriter(path + '.tmp') as w:
+      for s in serialized:
+        w.write(s)
+    os.replace(path + '.tmp', path)
+    return
+  with storage.open(path, 'wb') as f:
+    for s in serialized:
+      head = struct.pack('<Q', len(s))
+      f.write(head + struct.pack('<I', _masked_crc(head)) + s + struct.pack('<I', _masked_crc(s)))
+
+
+def _read_framed(files: Sequence[str]) -> Iterator[bytes]:
+  """The records of TFRecord files read through `storage`, every CRC checked."""
+  for file in files:
+    with storage.open(file, 'rb') as f:
+      while head := f.read(12):
+        if len(head) < 12:
+          raise ValueError(f'{file}: truncated record header')
+        (n,) = struct.unpack('<Q', head[:8])
+        if struct.unpack('<I', head[8:])[0] != _masked_crc(head[:8]):
+          raise ValueError(f'{file}: corrupted record length')
+        body = f.read(n + 4)
+        if len(body) < n + 4 or struct.unpack('<I', body[n:])[0] != _masked_crc(body[:n]):
+          raise ValueError(f'{file}: truncated or corrupted record')
+        yield body[:n]
+
+
+def dataset(files: Sequence[str]) -> tf.data.Dataset:
+  """The serialized records of `files` in order: tf.data's reader for local files, the
+  `storage` reader (same records, CRCs checked) for an object store."""
+  files = list(files)
+  if not any(storage.is_remote(f) for f in files):
+    return tf.data.TFRecordDataset(files)
+  return tf.data.Dataset.from_generator(lambda: _read_framed(files),
+                                        output_signature=tf.TensorSpec([], tf.string))
 
 
 def write_metadata(records_dir: str, meta: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from pplug_jax import storage
 from pplug_jax import fileio
 from pplug_jax.errors import UserError
 from pplug_jax.models import bert as bert_lib
@@ -72,27 +73,27 @@ class SafetensorsDir:
 
   def __init__(self, path: str):
     self.path = path
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
       raise CheckpointError(f'{path}: not a directory. Point the config at a Hugging Face model '
                             'directory holding config.json and model.safetensors.')
-    files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
+    files = sorted(f for f in storage.listdir(path) if f.endswith('.safetensors'))
     index = os.path.join(path, 'model.safetensors.index.json')
     if not files:
-      pickles = [f for f in os.listdir(path) if f in _PICKLE_NAMES or f.endswith('.bin')]
+      pickles = [f for f in storage.listdir(path) if f in _PICKLE_NAMES or f.endswith('.bin')]
       if pickles:
         raise CheckpointError(f'{path}: only pickle checkpoints ({", ".join(sorted(pickles))}); '
                               'they are refused because unpickling runs arbitrary code. '
                               + _conversion_hint(path))
       raise CheckpointError(f'{path}: no *.safetensors file. Download the model with its '
                             'model.safetensors (or the sharded model-*.safetensors + index).')
-    if os.path.exists(index):
-      with open(index) as f:
+    if storage.exists(index):
+      with storage.open(index) as f:
         weight_map = json.load(f)['weight_map']
       files = sorted(set(weight_map.values()))
     self._entries: dict[str, tuple[str, dict]] = {}
     for name in files:
       file = os.path.join(path, name)
-      if not os.path.exists(file):
+      if not storage.exists(file):
         raise CheckpointError(f'{index}: names shard {name}, which is missing from {path}.')
       for key, info in _read_header(file).items():
         self._entries[key] = (file, info)
@@ -114,14 +115,17 @@ class SafetensorsDir:
     shape = tuple(info['shape'])
     if end == start:
       return np.zeros(shape, dtype)
+    if storage.is_remote(file):  # a ranged read (no memory map of an object)
+      data = storage.read_range(file, info['_base'] + start, end - start)
+      return np.frombuffer(data, dtype).reshape(shape)
     return np.memmap(file, dtype=dtype, mode='r', offset=info['_base'] + start, shape=shape)
 
 
 def _read_header(file: str) -> dict[str, dict]:
   """The tensor table of a safetensors file, checked against the file's size."""
-  size = os.path.getsize(file)
+  size = storage.getsize(file)
   try:
-    with open(file, 'rb') as f:
+    with storage.open(file, 'rb') as f:
       (n,) = struct.unpack('<Q', f.read(8))
       if 8 + n > size:
         raise ValueError(f'header of {n} bytes')
@@ -146,10 +150,10 @@ def _read_header(file: str) -> dict[str, dict]:
 def read_hf_config(path: str) -> dict[str, Any]:
   """config.json of a Hugging Face model directory."""
   file = os.path.join(path, 'config.json')
-  if not os.path.exists(file):
+  if not storage.exists(file):
     raise CheckpointError(f'{path}: no config.json. Use a full Hugging Face model directory.')
   try:
-    with open(file) as f:
+    with storage.open(file) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise CheckpointError(f'{file}: malformed JSON ({e}). Re-download it.') from None
@@ -359,8 +363,8 @@ def load_t5_config(path: str, dtype: Any = jnp.float32, ckpt: SafetensorsDir | N
 
 def has_weights(path: str) -> bool:
   """Whether `path` is a directory holding safetensors weights (the planner may go without)."""
-  return bool(path) and os.path.isdir(path) and any(
-      f.endswith('.safetensors') for f in os.listdir(path))
+  return bool(path) and storage.isdir(path) and any(
+      f.endswith('.safetensors') for f in storage.listdir(path))
 
 
 def abstract_placed(boxed: Params, dtype: Any, shardings: Params | Callable | None) -> Params:
@@ -410,13 +414,12 @@ def _unbox(tree):
 
 def save_t5(path: str, config: t5_lib.T5Config, params: Params) -> None:
   """Writes (unscanned) params as a Hugging Face T5 directory: config.json + model.safetensors."""
-  from safetensors.numpy import save_file
-  os.makedirs(path, exist_ok=True)
+  storage.makedirs(path, exist_ok=True)
   flat = traverse_util.flatten_dict(params)
   tensors = {}
   for ours, (theirs, fn) in _t5_mapping(config).items():
     tensors[theirs] = np.ascontiguousarray(fn.apply(np.asarray(flat[ours], np.float32)))
-  save_file(tensors, os.path.join(path, 'model.safetensors'))
+  storage.save_safetensors(tensors, os.path.join(path, 'model.safetensors'))
   hf = dict(model_type='t5', architectures=['T5ForConditionalGeneration'],
             vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
             d_ff=config.d_ff, num_layers=config.num_encoder_layers,
@@ -513,14 +516,13 @@ def load_decoder(path: str, dtype: Any = jnp.float32, shardings: Params | Callab
 def save_decoder(path: str, config: decoder_lib.DecoderConfig, params: Params) -> None:
   """Writes (unscanned) params as a Hugging Face Llama / Qwen2 / Qwen3 directory:
   config.json + model.safetensors, readable by transformers' *ForCausalLM and by load_decoder."""
-  from safetensors.numpy import save_file
   if config.scan_layers:
     raise ValueError('save_decoder writes unscanned params (config.scan_layers=False).')
-  os.makedirs(path, exist_ok=True)
+  storage.makedirs(path, exist_ok=True)
   flat = traverse_util.flatten_dict(params)
   tensors = {theirs: np.ascontiguousarray(fn.apply(np.asarray(flat[ours], np.float32)))
              for ours, (theirs, fn) in _decoder_mapping(config).items()}
-  save_file(tensors, os.path.join(path, 'model.safetensors'))
+  storage.save_safetensors(tensors, os.path.join(path, 'model.safetensors'))
   architecture = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
                   'qwen3': 'Qwen3ForCausalLM'}[config.model_type]
   hf = dict(model_type=config.model_type, architectures=[architecture],
@@ -560,7 +562,7 @@ def load_bert(path: str, dtype: Any = jnp.float32, shardings: Params | Callable 
   if hf.get('model_type') not in (None, 'bert'):
     raise CheckpointError(f'{path}/config.json: model_type={hf.get("model_type")!r}, not bert.')
   overrides = dict(param_dtype=dtype, dtype=compute_dtype)
-  if path and os.path.isdir(path):
+  if path and storage.isdir(path):
     overrides.update(sentence_transformers_pooling(path))
   overrides.update(config_overrides)
   config = bert_lib.BertConfig.from_hf(hf, **overrides)
@@ -583,39 +585,38 @@ def save_bert(out_dir: str, source_dir: str, config: bert_lib.BertConfig, params
   `AutoModel.from_pretrained(out_dir)` (the official code's loader) gets the trained encoder.
   """
   import shutil
-  from safetensors.numpy import save_file
   ckpt = SafetensorsDir(source_dir)
   prefix = 'bert.' if any(k.startswith('bert.') for k in ckpt.keys()) else ''
   tensors = {k: np.array(ckpt.get(k), dtype=np.float32) for k in ckpt.keys()}
   flat = traverse_util.flatten_dict(params)
   for ours, (theirs, fn) in _bert_mapping(config, prefix).items():
     tensors[theirs] = np.ascontiguousarray(fn.apply(np.asarray(flat[ours], np.float32)))
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(tensors, os.path.join(out_dir, 'model.safetensors'))
-  for name in os.listdir(source_dir):
+  storage.makedirs(out_dir, exist_ok=True)
+  storage.save_safetensors(tensors, os.path.join(out_dir, 'model.safetensors'))
+  for name in storage.listdir(source_dir):
     src = os.path.join(source_dir, name)
     if name.endswith(('.safetensors', '.bin', '.index.json', '.h5', '.msgpack', '.onnx')):
       continue
-    if os.path.isdir(src):
-      if not os.path.exists(os.path.join(out_dir, name)) and name in ('1_Pooling', '2_Normalize'):
-        shutil.copytree(src, os.path.join(out_dir, name))
+    if storage.isdir(src):
+      if not storage.exists(os.path.join(out_dir, name)) and name in ('1_Pooling', '2_Normalize'):
+        storage.copytree(src, os.path.join(out_dir, name))
     else:
-      shutil.copy(src, os.path.join(out_dir, name))
+      storage.copy(src, os.path.join(out_dir, name))
 
 
 def sentence_transformers_pooling(path: str) -> dict[str, Any]:
   """Pooling and normalisation declared by a sentence-transformers directory, if any."""
   out: dict[str, Any] = {}
   pool_file = os.path.join(path, '1_Pooling', 'config.json')
-  if os.path.exists(pool_file):
-    with open(pool_file) as f:
+  if storage.exists(pool_file):
+    with storage.open(pool_file) as f:
       cfg = json.load(f)
     if cfg.get('pooling_mode_cls_token'):
       out['pooling'] = 'cls'
     elif cfg.get('pooling_mode_mean_tokens'):
       out['pooling'] = 'mean'
   modules_file = os.path.join(path, 'modules.json')
-  if os.path.exists(modules_file):
-    with open(modules_file) as f:
+  if storage.exists(modules_file):
+    with storage.open(modules_file) as f:
       out['normalize'] = any('Normalize' in m.get('type', '') for m in json.load(f))
   return out
