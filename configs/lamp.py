@@ -101,6 +101,7 @@ def get_config(arg=None):
   c.task = f'LaMP_{task}'
   c.split_type = args.get('split', 'user')
   c.demo = demo
+  c.demo_ablations = False  # the demo only: then the variants study on drift and two_preferences
 
   c.data = ml_collections.ConfigDict()
   c.data.lamp_dir = ''          # holds LaMP_N/ and/or LaMP_time_N/
@@ -176,6 +177,7 @@ def get_config(arg=None):
   c.train.keep_checkpoints = 3
   c.train.eval_batch_size = 16
   c.train.max_eval_batches = -1
+  c.train.eval_persona_zeroed = False  # True: also the final dev metrics with the persona zeroed
   c.train.profile_steps = ()    # (start, stop): a jax.profiler trace of those steps in <workdir>/profile
 
   c.eval = ml_collections.ConfigDict()
@@ -260,7 +262,8 @@ def _demo(c, decoder: bool = False):
   c.task = 'LaMP_2'
   c.demo_data = ml_collections.ConfigDict(dict(
       train_users=400, dev_users=100, test_users=60, num_preferences=4, mean_items=12,
-      empty_frac=0.05, long_frac=0.01, signal=0.5))
+      empty_frac=0.05, long_frac=0.01, signal=0.5,
+      scenario='stable'))  # or 'drift', 'two_preferences' (pplug_jax/data/synthetic.py)
   c.demo_compare = True  # after training, the ablations and the retrieval baselines (Table 1)
   # Also ROPG-RL/KD and RSPG-Pre/Post (about 6 more minutes on 2 CPU cores), with the reduced
   # settings below: l = 4 candidates, one epoch, batch 8, a higher learning rate, short inputs.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -43,6 +44,63 @@ def managers(workdir: str, keep: int) -> tuple[ocp.CheckpointManager, ocp.Checkp
   return latest, best
 
 
+class CheckpointSaveError(UserError):
+  """An asynchronous checkpoint save failed: the run stops rather than train on unsaved."""
+
+
+class SaveWatch:
+  """Orbax saves in a background thread, and a failed save surfaces only at a later save or
+  at the end: a run would train on, for another interval or to its end, with nothing saved.
+  `check` (cheap: it looks at the finished saves) turns the first failure into one error that
+  names the step folder and the cause. (orbax's own `check_for_errors` does not see a failed
+  save until it is waited for; a finished save is waited for at no cost.)"""
+
+  def __init__(self, *managers: ocp.CheckpointManager):
+    self._saving = {id(m): (m, None) for m in managers}
+
+  def save(self, manager: ocp.CheckpointManager, step: int, **kwargs) -> None:
+    # orbax first waits for the save before, so its failure may surface here too
+    with self._failure_as_error(manager, step, self._saving[id(manager)][1], step):
+      manager.save(step, **kwargs)
+    self._saving[id(manager)] = (manager, step)
+
+  def check(self, step: int) -> None:
+    """Raises CheckpointSaveError, at training step `step`, if a save has failed."""
+    for manager, saved in self._saving.values():
+      if saved is not None and not manager.is_saving_in_progress():
+        with self._failure_as_error(manager, step, saved):
+          manager.wait_until_finished()  # finished: returns at once, or raises its error
+
+  def wait(self, step: int) -> None:
+    for manager, saved in self._saving.values():
+      with self._failure_as_error(manager, step, saved):
+        manager.wait_until_finished()
+
+  @staticmethod
+  @contextlib.contextmanager
+  def _failure_as_error(manager, step: int, *saved: int | None):
+    """`saved`: the steps whose saves may have failed (the one before, the one begun)."""
+    try:
+      yield
+    except Exception as e:  # orbax re-raises the save thread's error as it was
+      steps = ' or '.join(str(s) for s in saved if s is not None) or str(step)
+      where = os.path.join(str(manager.directory), steps)
+      # all its lines: gcsfs puts the URL on the first and the reason on the next
+      cause = ' '.join(line.strip() for line in str(e).splitlines() if line.strip())
+      if len(cause) > 300:  # tensorstore's are long: keep the start and the OS error at its end
+        cause = f'{cause[:120]} ... {cause[-170:]}'
+      with contextlib.suppress(Exception):  # the save's other threads end (and log) first:
+        manager.close()  # the error below is the last line a user sees
+      newest = manager.latest_step()
+      resume = ('it resumes from the newest finished checkpoint, step '
+                f'{newest}' if newest is not None else 'no checkpoint is finished yet, so it '
+                'starts again')
+      raise CheckpointSaveError(
+          f'saving the checkpoint {where} failed ({type(e).__name__}: {cause}). Training '
+          f'stopped at step {step}. Fix the cause (space, permissions) and run the same '
+          f'command again: {resume}.') from e
+
+
 def save_args(state: Any, meta: dict) -> ocp.args.Composite:
   return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
@@ -61,9 +119,12 @@ def find(workdir: str, which: str = 'best') -> tuple[str, int]:
     folder = os.path.join(storage.abspath(workdir), sub)
     if not storage.isdir(folder):
       continue
-    steps = sorted(int(d) for d in storage.listdir(folder) if d.isdigit())
-    if steps:
-      return os.path.join(folder, str(steps[-1])), steps[-1]
+    # newest first, finished ones only: on gs:// a save killed midway leaves a step folder
+    # without orbax's commit_success.txt (locally it stays under a temporary name)
+    for step in sorted((int(d) for d in storage.listdir(folder) if d.isdigit()), reverse=True):
+      path = os.path.join(folder, str(step))
+      if ocp.path.step.is_path_finalized(path):
+        return path, step
   raise CheckpointNotFound(f'{workdir}: no finished checkpoint in {" or ".join(order)}/. Train '
                            'first: python -m pplug_jax.train --config ... --workdir ' + workdir)
 
@@ -114,11 +175,17 @@ RESUMABLE_CHANGES = ('train.log_every', 'train.eval_every', 'train.checkpoint_ev
                      'eval.', 'data.prefetch', 'data.rebuild_records', 'encoder.batch_size',
                      'encoder.dtype',  # only the records depend on it, and they check it
                      'mesh_shape', 'logical_axis_rules', 'demo_compare', 'demo_optimized',
-                     'ropg.', 'rspg.')  # the optimised baselines check their own inputs
+                     'ropg.', 'rspg.',  # the optimised baselines check their own inputs
+                     'train.eval_persona_zeroed', 'demo_ablations')  # after training only
 
 
 # Keys older versions wrote that no code reads any more: their presence changes nothing.
 REMOVED_KEYS = ('plug.empty_history',)
+# Keys newer versions added, with the value that trains what the older versions did: a
+# config.json written before a key existed resumes under that value.
+ADDED_KEYS = {'plug.pooling': 'attention', 'plug.instruction': True, 'plug.num_persona_tokens': 1,
+              'plug.time_decay': 'none', 'plug.time_decay_init': 1e-3, 'data.history_cap': 0,
+              'demo_data.scenario': 'stable'}
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
@@ -137,7 +204,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
   missing = '<absent>'
   changes = []
   for key in sorted(set(a) | set(b)):
-    before, after = a.get(key, missing), b.get(key, missing)
+    before, after = a.get(key, ADDED_KEYS.get(key, missing)), b.get(key, missing)
     if before == after or key.startswith(RESUMABLE_CHANGES) or key in REMOVED_KEYS:
       continue
     if key == 'optim.max_steps' and after != -1 and (before == -1 or after > before):

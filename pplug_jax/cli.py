@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gc
 import logging as logging_std
 import os
 import sys
+import threading
+import time
 import traceback
 from typing import Any, Callable, Iterator
 
@@ -31,7 +34,14 @@ EXIT_USER_ERROR = 2
 
 
 def fail(message: str) -> None:
-  """Prints a user error and exits with status 2."""
+  """Prints a user error and exits with status 2. Background threads that are still running
+  (orbax's save threads, after a failed save) end first, as they would at exit anyway, so
+  that their log lines come before the error and not below it."""
+  deadline = time.monotonic() + 30
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and not thread.daemon:
+      thread.join(max(0.0, deadline - time.monotonic()))
+  gc.collect()  # and asyncio's unretrieved futures of those saves are logged now, not at exit
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(EXIT_USER_ERROR)
 
@@ -214,8 +224,10 @@ def run(main: Callable[[list[str]], Any]) -> None:
     except UserError as e:
       if flags.FLAGS.verbose:
         traceback.print_exc()
-      fail(str(e))
-    _leave_distributed()
-    return result
+      message = str(e)
+    else:
+      _leave_distributed()
+      return result
+    fail(message)  # outside the handler: the error's traceback (the failed work) is released
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -51,6 +51,10 @@ def prepare(config, workdir: str) -> None:
   The demo writes only inside <workdir>/demo/, and refuses paths it did not make, so it can
   never write synthetic data over, or train on, a user's own files.
   """
+  scenario = config.demo_data.get('scenario', 'stable')
+  if scenario not in synthetic.SCENARIOS:
+    raise ConfigError(f'config.demo_data.scenario={scenario!r}: use one of '
+                      f'{synthetic.SCENARIOS}.')
   own = own_paths(workdir, decoder=is_decoder_demo(config))
   foreign = []
   for key, path in own.items():
@@ -72,12 +76,17 @@ def prepare(config, workdir: str) -> None:
 def _make_files(config) -> None:
   d = config.demo_data
   info_file = os.path.join(lamp.task_dir(config.data.lamp_dir, config.task), 'synthetic_info.json')
+  scenario = d.get('scenario', 'stable')
   if not storage.exists(info_file):
     info = synthetic.generate(config.data.lamp_dir, config.task, config.split_type,
                               {'train': d.train_users, 'dev': d.dev_users, 'test': d.test_users},
                               d.num_preferences, config.seed, d.empty_frac, d.long_frac,
-                              d.mean_items, d.signal)
+                              d.mean_items, d.signal, scenario=scenario)
     logging.info('demo: synthetic data written to %s: %s', config.data.lamp_dir, info['splits'])
+  elif fileio.read_json(info_file).get('scenario', 'stable') != scenario:
+    raise ConfigError(f'config.demo_data.scenario={scenario!r}: {info_file} holds '
+                      f'{fileio.read_json(info_file).get("scenario", "stable")!r} data. Use '
+                      'another --workdir for another scenario.')
   if not storage.exists(os.path.join(config.llm.path, 'model.safetensors')):
     if is_decoder_demo(config):
       pretrain_tiny_decoder(config, config.llm.path)

@@ -40,7 +40,8 @@ QUERY_ENCODER_DIR = 'query_encoder'  # the fine-tuned input encoder, as a Huggin
 
 
 def _flat(tree: dict) -> dict[str, np.ndarray]:
-  return {'/'.join(k): np.ascontiguousarray(v, np.float32)
+  # np.array, not np.ascontiguousarray: that one makes a scalar (time_decay_raw) of shape (1,)
+  return {'/'.join(k): np.array(v, np.float32, order='C')
           for k, v in traverse_util.flatten_dict(tree).items()}
 
 

@@ -10,17 +10,23 @@ Cloud Storage generation preconditions (`create_once`, `replace_if`, `delete_if`
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import glob as glob_lib
-import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import IO, Any, Iterator
 
 # Before epath picks a backend (it decides once per process): gs:// through gcsfs, not TF.
 os.environ.setdefault('EPATH_USE_TF', 'false')
-logging.getLogger('gcsfs').setLevel(logging.ERROR)  # a zonal-bucket probe warns on every path
+# Before gcsfs is imported: its classic JSON-API filesystem. gcsfs 2026.10's default subclass
+# asks a gRPC storage-control API for the bucket's type on every open, and does not cache an
+# unknown answer: a round trip per file on Cloud Storage, and against an emulator (plain
+# HTTP) a TLS handshake retried until its deadline, so every open hangs. Zonal buckets, which
+# only that subclass serves, are not needed here; set the variable to true to have it back.
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 from etils import epath  # noqa: E402
 
@@ -39,7 +45,28 @@ def is_remote(path: str) -> bool:
 READ_BLOCK = 16 << 20  # bytes per ranged request when reading an object in order
 
 
+def configure_clients() -> None:
+  """Settings for every Cloud Storage client, made before each is made (so a variable set
+  after import counts too):
+  - gcsfs keeps no listings cache: other processes, and tensorstore in this one (orbax's
+    arrays), write the same folders, and a cached listing would hide their objects (a
+    checkpoint written by another process, a lock that is gone);
+  - against an emulator (`STORAGE_EMULATOR_HOST`) every client is anonymous, so none looks for
+    credentials: gcsfs gets `token='anon'` (its default asks google-auth, which probes the GCE
+    metadata server), google-cloud-storage is anonymous there by itself, and tensorstore is
+    pointed at the emulator with its test token."""
+  import fsspec.config
+  gs = fsspec.config.conf.setdefault('gs', {})
+  gs.setdefault('use_listings_cache', False)
+  host = os.environ.get('STORAGE_EMULATOR_HOST')
+  if host:
+    gs.setdefault('token', 'anon')
+    os.environ.setdefault('TENSORSTORE_GCS_HTTP_URL', host)
+    os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'emulator')
+
+
 def _p(path: str) -> epath.Path:
+  configure_clients()
   return epath.Path(path)
 
 
@@ -155,6 +182,7 @@ def open(path: str, mode: str = 'r', encoding: str | None = None) -> IO[Any]:  #
       # fsspec's classic read-ahead cache: gcsfs's newer background prefetcher hangs when one
       # file is read from several threads in turn (tf.data's generator threads do that).
       import fsspec
+      configure_clients()
       fs, name = fsspec.core.url_to_fs(path)
       kwargs = {'encoding': encoding} if 'b' not in mode else {}
       return fs.open(name, mode, cache_type='readahead', block_size=READ_BLOCK, **kwargs)
@@ -199,12 +227,44 @@ def _split_gs(path: str) -> tuple[str, str]:
   return bucket, name
 
 
+# What to do when Cloud Storage refuses the credentials or a request.
+LOGIN = ('run `gcloud auth application-default login` (a workstation), or give the TPU/GCE VM '
+         'a service account with access to the bucket (or set GOOGLE_APPLICATION_CREDENTIALS '
+         'to a key file)')
+# Cloud Storage's bucket names: 3-63 lowercase letters, digits, '-', '_' and '.', beginning
+# and ending with a letter or digit (names with dots may be longer; none is needed here).
+BUCKET_NAME = re.compile(r'[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]')
+
+
+@contextlib.contextmanager
+def _gcs_errors(path: str, doing: str) -> Iterator[None]:
+  """Cloud Storage's refusals of `path` as one-line StorageErrors that say what to do."""
+  from google.api_core import exceptions as gexc
+  from google.auth import exceptions as auth_exc
+  try:
+    yield
+  except auth_exc.DefaultCredentialsError:
+    raise StorageError(f'{path}: no Google Cloud credentials found to {doing} it: '
+                       f'{LOGIN}.') from None
+  except (auth_exc.RefreshError, gexc.Unauthorized) as e:
+    raise StorageError(f'{path}: Cloud Storage refused the credentials ({_short(e)}): '
+                       f'{LOGIN}.') from None
+  except gexc.Forbidden as e:
+    bucket = _split_gs(path)[0]
+    raise StorageError(f'{path}: permission denied to {doing} it ({_short(e)}). The '
+                       f'credentials in use need {"write" if doing == "write" else "read"} '
+                       f'access to gs://{bucket} (e.g. roles/storage.objectUser), or use '
+                       'another bucket.') from None
+
+
+def _short(e: Exception) -> str:
+  return str(e).splitlines()[0][:200]
+
+
 @functools.cache
 def _client():
   from google.cloud import storage as gcs
-  if os.environ.get('STORAGE_EMULATOR_HOST'):
-    from google.auth.credentials import AnonymousCredentials
-    return gcs.Client(project='emulator', credentials=AnonymousCredentials())
+  configure_clients()  # google-cloud-storage is anonymous by itself against an emulator
   return gcs.Client()
 
 
@@ -214,19 +274,28 @@ def _blob(path: str):
 
 
 def check_bucket(path: str, key: str) -> None:
-  """Refuses a gs:// path whose bucket does not exist, naming the config key or flag."""
+  """Refuses a gs:// path whose bucket name GCS would refuse, whose bucket does not exist, or
+  that the credentials cannot read, naming the config key or flag (before any work)."""
   if not str(path).startswith('gs://'):
     return
   from google.api_core import exceptions as gexc
-  bucket, _ = _split_gs(path)
+  bucket, name = _split_gs(path)
+  if not BUCKET_NAME.fullmatch(bucket):
+    raise StorageError(f'{key}={path}: {bucket!r} is not a valid Cloud Storage bucket name '
+                       '(3-63 lowercase letters, digits, -, _ and ., beginning and ending with a '
+                       'letter or digit). Fix the path.')
   try:
-    found = _client().lookup_bucket(bucket) is not None
-  except gexc.GoogleAPIError as e:
-    raise StorageError(f'{key}={path}: cannot reach bucket gs://{bucket} ({e}). Check the '
-                       'credentials (gcloud auth application-default login) and the name.') from None
-  if not found:
+    with _gcs_errors(path, 'read'):
+      # objects.list (read access) rather than buckets.get, which object roles lack
+      list(_client().list_blobs(bucket, prefix=name, max_results=1))
+  except StorageError as e:
+    raise StorageError(f'{key}={e}') from None
+  except gexc.NotFound:
     raise StorageError(f'{key}={path}: the bucket gs://{bucket} does not exist. Create it '
-                       f'(gcloud storage buckets create gs://{bucket}) or fix the path.')
+                       f'(gcloud storage buckets create gs://{bucket}) or fix the path.') from None
+  except gexc.GoogleAPIError as e:
+    raise StorageError(f'{key}={path}: cannot reach bucket gs://{bucket} ({_short(e)}). Check '
+                       'the name and the network.') from None
 
 
 PATH_KEYS = ('data.lamp_dir', 'data.records_dir', 'llm.path', 'llm.tokenizer', 'encoder.path')
@@ -246,7 +315,8 @@ def read_generation(path: str) -> tuple[bytes, int] | None:
   from google.api_core import exceptions as gexc
   blob = _blob(path)
   try:
-    data = blob.download_as_bytes()
+    with _gcs_errors(path, 'read'):
+      data = blob.download_as_bytes()
   except gexc.NotFound:
     return None
   return data, int(blob.generation)
@@ -257,7 +327,8 @@ def create_once(path: str, data: bytes) -> int | None:
   from google.api_core import exceptions as gexc
   blob = _blob(path)
   try:
-    blob.upload_from_string(data, if_generation_match=0)
+    with _gcs_errors(path, 'write'):
+      blob.upload_from_string(data, if_generation_match=0)
   except gexc.PreconditionFailed:
     return None
   return int(blob.generation)
@@ -268,7 +339,8 @@ def replace_if(path: str, data: bytes, generation: int) -> int | None:
   from google.api_core import exceptions as gexc
   blob = _blob(path)
   try:
-    blob.upload_from_string(data, if_generation_match=generation)
+    with _gcs_errors(path, 'write'):
+      blob.upload_from_string(data, if_generation_match=generation)
   except (gexc.PreconditionFailed, gexc.NotFound):
     return None
   return int(blob.generation)
@@ -278,7 +350,8 @@ def delete_if(path: str, generation: int) -> bool:
   """Deletes the object only if it is still at `generation`."""
   from google.api_core import exceptions as gexc
   try:
-    _blob(path).delete(if_generation_match=generation)
+    with _gcs_errors(path, 'write'):
+      _blob(path).delete(if_generation_match=generation)
   except (gexc.PreconditionFailed, gexc.NotFound):
     return False
   return True

@@ -1,13 +1,16 @@
 """Lays out PPlug and the baselines in the shape of the paper's Table 1.
 
     python -m pplug_jax.table --workdir W [--workdirs W1 W2 ...] [--split dev] [--paper] [--out D]
+    python -m pplug_jax.table --workdir W --ablations     # also W/ablations/ablations.{md,png}
 
 Rows are task x backbone x metric (the backbone is the workdir's `llm.name`, or the baseline run's
 LLM directory), columns are methods (Ad-hoc, BM25, Recency, Contriever, ..., PPlug); the best
 value of a row is bold, and each metric carries its direction (↑ or ↓). PPlug's metrics come
 from `metrics_<split>.json` (evaluate) or `train_result.json`; each baseline's from
 `baselines/<method>/metrics_<split>.json`. Writes table1.md and table1.png (into --out, default
-the first workdir). --paper adds the paper's FlanT5-XXL numbers in brackets, for real-data runs.
+the first workdir); each bar carries its value, and the legend sits outside the axes. --paper
+adds the paper's FlanT5-XXL numbers in brackets and as black markers on the chart, for real-data
+runs.
 """
 
 from __future__ import annotations
@@ -152,28 +155,61 @@ def markdown(found: dict[Row, dict[str, dict]], paper: bool = False) -> str:
   return '\n'.join(lines)
 
 
-def chart(found: dict[Row, dict[str, dict]], path: str) -> None:
-  """One bar group per task x backbone x metric, one bar per method."""
+def figure(found: dict[Row, dict[str, dict]], paper: bool = False,
+           columns: list[str] | None = None,
+           title: str = 'PPlug vs retrieval-based personalisation'):
+  """The chart: one bar group per task x backbone x metric, one bar per method, each bar
+  labelled with its value; the legend sits outside the axes, so it covers no bar; with `paper`,
+  the paper's FlanT5-XXL values are black markers at the right edge of the same method's bar
+  (clear of the value label above the bar's centre)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   several = len({b for _, b in found}) > 1
   rows = [(row, key, label) for row in sorted(found) for key, label, _ in METRICS[row[0]]]
-  columns = _order({c for methods in found.values() for c in methods})
-  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) * len(columns) / 4 + 3), 4))
+  columns = columns or _order({c for methods in found.values() for c in methods})
+  fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(rows) * len(columns) / 4 + 4), 4.5))
   width = 0.8 / max(len(columns), 1)
+  top = 0.0
+  marked = False
   for j, c in enumerate(columns):
-    xs = [i + j * width for i in range(len(rows))]
-    ys = [found[t].get(c, {}).get(k, 0.0) or 0.0 for t, k, _ in rows]
-    ax.bar(xs, ys, width, label=c)
+    present = [(i + j * width, t, k, found[t].get(c, {}).get(k)) for i, (t, k, _) in
+               enumerate(rows)]
+    present = [(x, t, k, y) for x, t, k, y in present if y is not None]  # no bar, no label
+    if not present:
+      continue
+    bars = ax.bar([p[0] for p in present], [p[3] for p in present], width, label=c,
+                  color=f'C{j % 10}')
+    ax.bar_label(bars, fmt='%.3f', fontsize=6, rotation=90, padding=2)
+    top = max([top, *(p[3] for p in present)])
+    name = c.split(' (')[0]
+    if paper and name in _PAPER_COLUMNS:
+      points = [(x + 0.3 * width, PAPER[(t[0], k)][_PAPER_COLUMNS.index(name)])
+                for x, t, k, _ in present if (t[0], k) in PAPER]
+      if points:
+        ax.scatter(*zip(*points), marker='D', s=12, color='black', zorder=3,
+                   label=None if marked else 'paper (FlanT5-XXL)')
+        marked = True
+        top = max([top, *(y for _, y in points)])
+  ax.set_ylim(0, top * 1.25 if top > 0 else 1.0)  # room for the value labels
   ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
   ax.set_xticklabels([f'{t.replace("_", "-")}\n{label}' + (f'\n{b}' if several else '')
                       for (t, b), _, label in rows])
-  ax.legend(fontsize=8, ncol=min(len(columns), 5))
-  ax.set_title('PPlug vs retrieval-based personalisation')
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+  ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  return fig
+
+
+def chart(found: dict[Row, dict[str, dict]], path: str, paper: bool = False, **kwargs) -> None:
+  """Writes `figure` as a PNG to `path` (local or gs://)."""
+  import io
+  import matplotlib.pyplot as plt
+  fig = figure(found, paper, **kwargs)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120)
   plt.close(fig)
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def write(workdirs: list[str], out: str | None = None, split: str = 'dev',
@@ -185,7 +221,62 @@ def write(workdirs: list[str], out: str | None = None, split: str = 'dev',
   storage.makedirs(out, exist_ok=True)
   with storage.open(os.path.join(out, 'table1.md'), 'w', encoding='utf-8') as f:
     f.write(text + '\n')
-  chart(found, os.path.join(out, 'table1.png'))
+  chart(found, os.path.join(out, 'table1.png'), paper)
+  return text
+
+
+ABLATIONS_RESULTS = os.path.join('ablations', 'results.json')  # written by pplug_jax.ablate
+
+
+def read_ablations(workdir: str) -> tuple[str, dict[str, dict]]:
+  """(task, {variant: {'keys', 'dev'}}) from `python -m pplug_jax.ablate`, in study order."""
+  path = os.path.join(workdir, ABLATIONS_RESULTS)
+  if not storage.exists(path):
+    raise UserError(f'{path} does not exist: run python -m pplug_jax.ablate --config CFG '
+                    f'--workdir {workdir} --study paper first.')
+  data = _read(path)
+  return lamp.task_spec(data['task']).name, data['variants']
+
+
+def ablations_markdown(task: str, variants: dict[str, dict]) -> str:
+  """One row per variant: its changed keys, its dev metrics (the best bold) and the change of
+  the task's main metric against full PPlug."""
+  metrics = METRICS[task]
+  main_key = metrics[0][0]
+  full = variants.get('full', {}).get('dev', {}).get(main_key)
+  lines = ['| Variant | Changed keys | ' + ' | '.join(f'{label} {"↑" if hi else "↓"}'
+                                                   for _, label, hi in metrics) +
+           f' | Δ {metrics[0][1]} vs full | ms/step |', '|---|---|' + '---|' * (len(metrics) + 2)]
+  best = {}
+  for key, _, higher in metrics:
+    present = [v['dev'][key] for v in variants.values() if key in v['dev']]
+    best[key] = (max if higher else min)(present) if present else None
+  for name, v in variants.items():
+    keys = ', '.join(f'`{k}={val}`' for k, val in v['keys'].items()
+                     if k != 'train.eval_persona_zeroed') or '–'
+    cells = []
+    for key, _, _ in metrics:
+      x = v['dev'].get(key)
+      cells.append('' if x is None else f'**{x:.3f}**' if x == best[key] else f'{x:.3f}')
+    x = v['dev'].get(main_key)
+    delta = '' if x is None or full is None or name == 'full' else f'{x - full:+.3f}'
+    ms = v.get('train_ms_per_step')  # this machine's train step (a resumed run: its own steps)
+    lines.append(f'| {name} | {keys} | ' + ' | '.join(cells) + f' | {delta} | '
+                 f'{"" if ms is None else f"{ms:.0f}"} |')
+  return '\n'.join(lines)
+
+
+def write_ablations(workdir: str, out: str | None = None) -> str:
+  """Writes ablations.md and ablations.png (into `out`, default W/ablations); returns the
+  Markdown."""
+  task, variants = read_ablations(workdir)
+  text = ablations_markdown(task, variants)
+  out = out or os.path.join(workdir, 'ablations')
+  storage.makedirs(out, exist_ok=True)
+  storage.write_bytes(os.path.join(out, 'ablations.md'), (text + '\n').encode())
+  found = {(task, 'ablations'): {name: v['dev'] for name, v in variants.items()}}
+  chart(found, os.path.join(out, 'ablations.png'), columns=list(variants),
+        title=f'{task.replace("_", "-")}: ablations and variants (dev)')
   return text
 
 
@@ -195,6 +286,15 @@ def main(argv):
   workdirs = list(f.workdirs or []) + ([f.workdir] if f.workdir else [])
   if not workdirs:
     raise UserError('give --workdir W or --workdirs W1 W2 ...')
+  if f.ablations:
+    parts = []
+    try:  # beside Table 1's rows when the workdir has them
+      parts.append(write(workdirs, f.out or None, f.split, f.paper))
+    except UserError:
+      pass
+    parts += [write_ablations(w, f.out or None) for w in workdirs]
+    print('\n\n'.join(parts))
+    return
   print(write(workdirs, f.out or None, f.split, f.paper))
 
 
@@ -204,4 +304,6 @@ if __name__ == '__main__':
   flags.DEFINE_enum('split', 'dev', ['train', 'dev'], 'Whose metrics to lay out.')
   flags.DEFINE_bool('paper', False, "Add the paper's FlanT5-XXL numbers in [brackets].")
   flags.DEFINE_string('out', '', 'Where table1.md and table1.png go (default: first workdir).')
+  flags.DEFINE_bool('ablations', False, 'Also ablations.md and ablations.png from '
+                    'W/ablations/results.json (python -m pplug_jax.ablate).')
   cli.run(main)

@@ -20,13 +20,11 @@ import jax
 import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from pplug_jax import storage
 from pplug_jax import (checkpoints, cli, fileio, flops as flops_lib, generation, partitioning,
-                       precompute,
-                       system as system_lib, validation)
+                       precompute, storage, system as system_lib, validation)
+from pplug_jax.scalars import ScalarWriter
 from pplug_jax.data import lamp, pipeline, records
 from pplug_jax.errors import ConfigError, RecordsError, WorkdirError
 from pplug_jax.models import plug as plug_lib
@@ -190,6 +188,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   logging.info('MFU is against %s per device (%s)',
                f'{peak / 1e12:.2f} TFLOP/s' if peak else 'no peak', peak_source)
   manager, best = checkpoints.managers(workdir, config.train.keep_checkpoints)
+  saves = checkpoints.SaveWatch(manager, best)
   latest = manager.latest_step()
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -216,7 +215,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # ---------------------------------------------------------------- train loop
   main_process = partitioning.is_main_process()
-  writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), write_to_disk=main_process)
+  writer = ScalarWriter(os.path.join(workdir, 'tensorboard'), enabled=main_process)
   local_batch = per_step // jax.process_count()
   batches = pipeline.train_batches(config, records_path, local_batch, skip_batches=start_step,
                                    accum=accum, plan=plan)
@@ -244,6 +243,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       state, metrics = steps_by_shape[shape](state, system.llm_params, global_batch)
       if pending is not None:  # check the previous step's loss without stalling this one
         _check_finite(*pending)
+      saves.check(step)  # a failed save stops the run here, not an interval later
       step += 1
       seen += per_step
       done_flops += step_flops[shape]
@@ -278,24 +278,36 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         logging.info('step %d dev: %s', step, _fmt(last_eval))
         for k, v in last_eval.items():
           writer.add_scalar(f'dev/{k}', v, step)
-        best.save(step, args=checkpoints.save_args(state, {'step': step, 'dev': last_eval}),
-                  metrics={'score': float(score_of(last_eval))})
+        writer.flush()
+        saves.save(best, step,
+                   args=checkpoints.save_args(state, {'step': step, 'dev': last_eval}),
+                   metrics={'score': float(score_of(last_eval))})
         paused += time.time() - began
       if _is_due(step, config.train.checkpoint_every, total_steps):
         began = time.time()
-        manager.save(step, args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
+        writer.flush()  # the scalars up to a checkpoint outlive a kill
+        saves.save(manager, step,
+                   args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
         paused += time.time() - began
     profiler.close(state)  # the traced steps' device work ends inside the trace
   finally:
     profiler.close(None)  # a trace begun is ended, even when a step fails
-  bar.close()
+    bar.close()  # and an error is printed below the bar, not inside it
+    # tf.data's readers end now, not at interpreter exit (where TF prints a warning below
+    # the error line)
+    batches.close()
+    writer.close()  # the scalars so far are kept, whatever ended the loop
   if pending is not None:
     _check_finite(*pending)
-  manager.wait_until_finished()
-  best.wait_until_finished()
-  writer.flush()
+  train_seconds = time.time() - t0 - paused  # this run's steps, evaluations and saves left out
+  saves.wait(step)
 
   result = {'step': step, 'dev': last_eval or evaluate(state['params'])}
+  if step > start_step:  # the step time of this run (a resumed one: of its own steps)
+    result['train_ms_per_step'] = 1000 * train_seconds / (step - start_step)
+  if config.train.get('eval_persona_zeroed', False):  # the ablation: what the history adds
+    result['dev_persona_zeroed'] = evaluate(state['params'], persona=False,
+                                            desc='dev, persona zeroed')
   if config.demo and config.demo_compare:  # ablations and the retrieval baselines, same dev split
     from pplug_jax import demo
     result.update(demo.compare(config, workdir, system.mesh, evaluate, state['params'],
@@ -359,8 +371,14 @@ def _fmt(m: dict) -> str:
 def main(argv):
   del argv
   flags_ = flags.FLAGS
+  study = flags_.config.get('demo_ablations', False)  # the variants on the tasks made for them
+  if study:
+    from pplug_jax import ablate
+    ablate.demo_study_configs(flags_.config, flags_.workdir)  # every variant checked first
   storage.makedirs(flags_.workdir, exist_ok=True)
   train_and_evaluate(flags_.config, flags_.workdir)
+  if study:
+    print(ablate.demo_study(flags_.config, flags_.workdir), flush=True)
 
 
 if __name__ == '__main__':

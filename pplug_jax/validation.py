@@ -82,6 +82,9 @@ def _problems_of_values(c) -> list[str]:
        f'use one of {list(PLUG_RETRIEVAL)} (\'\' = the plain input)')
   need(c.plug.retrieval_k >= 1, 'plug.retrieval_k', 'must be >= 1')
   p.extend(_problems_of_plug_variant(c))
+  need(not c.get('demo_ablations', False) or c.demo, 'demo_ablations',
+       'is the demo\'s study (configs/lamp.py:demo); on your own data run python -m '
+       'pplug_jax.ablate --study variants')
   one_of('optim.decay_mask', ('all', 'hf'))
   one_of('data.history_order', ('date', 'file'))
   one_of('data.query_source', ('input', 'truncated_input'))

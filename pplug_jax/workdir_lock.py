@@ -77,15 +77,13 @@ class WorkdirLock:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      owner = os.read(fd, 4096).decode(errors='replace')
+      data = os.read(fd, 4096)
       os.close(fd)
       try:
-        o = json.loads(owner)
-        who = f'{o["command"]} (pid {o["pid"]} on {o["host"]}, since {o["started"]})'
-      except (ValueError, KeyError):
-        who = 'another run'
-      raise WorkdirError(f'{os.path.dirname(self.path)} is in use by {who}. '
-                         f'{self.remedy}') from None
+        owner = json.loads(data)
+      except ValueError:
+        owner = None
+      raise self._refuse(owner) from None
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({'command': self.command, 'pid': os.getpid(),
                              'host': socket.gethostname(),

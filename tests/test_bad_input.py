@@ -238,6 +238,36 @@ def test_resume_refuses_a_changed_config_but_allows_harmless_keys(tmp_path):
   assert 'config.data.max_history: 64 -> 8' in str(err.value)
 
 
+def test_resume_of_a_run_from_before_the_variant_keys_existed(tmp_path):
+  old = json.loads(lamp_config.get_config('demo').to_json())
+  for section, key in (('plug', 'pooling'), ('plug', 'instruction'), ('plug', 'num_persona_tokens'),
+                       ('plug', 'time_decay'), ('plug', 'time_decay_init'),
+                       ('data', 'history_cap'), ('demo_data', 'scenario'),
+                       ('train', 'eval_persona_zeroed')):
+    del old[section][key]
+  del old['demo_ablations']
+  os.makedirs(tmp_path / 'checkpoints' / '10')
+  with open(tmp_path / checkpoints.CONFIG_FILE, 'w') as f:
+    json.dump(old, f)
+  checkpoints.check_resume_config(str(tmp_path), lamp_config.get_config('demo'))  # its defaults
+  variant = lamp_config.get_config('demo')
+  variant.plug.pooling = 'mean'
+  variant.demo_data.scenario = 'drift'
+  with pytest.raises(WorkdirError) as err:
+    checkpoints.check_resume_config(str(tmp_path), variant)
+  assert "config.plug.pooling: 'attention' -> 'mean'" in str(err.value)
+  assert "config.demo_data.scenario: 'stable' -> 'drift'" in str(err.value)
+
+
+def test_demo_ablations_outside_the_demo_is_refused():
+  config = lamp_config.get_config('task=2')
+  config.demo_ablations = True
+  with pytest.raises(ConfigError) as err:
+    validation.check_config(config)
+  assert ("config.demo_ablations=True: is the demo's study (configs/lamp.py:demo); on your own "
+          'data run python -m pplug_jax.ablate --study variants') in str(err.value)
+
+
 # ------------------------------------------------------------------ item identity
 
 def test_item_ids_unique_only_within_a_user_keep_their_own_embeddings(small, tmp_path,

@@ -6,16 +6,22 @@ tensorstore, which all honour the emulator; these tests exercise exactly that co
 
 import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from pplug_jax import fileio, storage, workdir_lock
+from pplug_jax import checkpoints, fileio, storage, workdir_lock
 from pplug_jax.data import pipeline, records
 from pplug_jax.errors import RecordsError, WorkdirError
+
+from conftest import (ROOT, SIGKILL_FLAGS, max_abs_diff, restore_params, train_cmd)
 
 
 def _serialized(n):
@@ -106,8 +112,6 @@ def test_object_lock_refuses_a_live_owner_and_takes_over_a_stale_one(gcs, monkey
 
 
 def _dead_pid():
-  import subprocess
-  import sys
   proc = subprocess.Popen([sys.executable, '-c', 'pass'])
   proc.wait()
   return proc.pid
@@ -132,12 +136,8 @@ def test_safetensors_and_tokenizer_dirs_on_gcs(gcs, tiny_t5, minilm_path):
 
 
 def _train(workdir, *extra):
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.run([sys.executable, '-m', 'pplug_jax.train', '--config',
-                         'configs/lamp.py:demo', f'--workdir={workdir}', *extra], cwd=root,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(train_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
 
 
 def _error_line(proc):
@@ -160,3 +160,233 @@ def test_train_on_a_missing_bucket_or_beside_another_hosts_run_is_one_line(gcs):
           '10:00:00), last heartbeat') in line, line
   assert 'Wait for it to finish or stop it, or use another --workdir.' in line
   assert storage.listdir(folder) == ['.lock']  # nothing written beside the lock
+
+
+def _env(**changes):
+  env = dict(os.environ)
+  for k, v in changes.items():
+    if v is None:
+      env.pop(k, None)
+    else:
+      env[k] = v
+  return env
+
+
+def test_bucket_names_and_refusals_are_one_line_before_any_work(gcs, tmp_path):
+  """A bucket name GCS refuses, missing credentials, refused credentials and a bucket these
+  credentials may only read: each is one line, exit 2, and nothing is written. No request
+  leaves the machine: the credential probes and token requests go to localhost traps."""
+  import gcs_emulator
+  # 'b0' passed the bucket check once, and tensorstore refused it inside orbax's save thread
+  line = _error_line(_train('gs://b0/demo'))
+  assert line == ("error: --workdir=gs://b0/demo: 'b0' is not a valid Cloud Storage bucket "
+                  'name (3-63 lowercase letters, digits, -, _ and ., beginning and ending with a '
+                  'letter or digit). Fix the path.'), line
+  assert 'not a valid Cloud Storage bucket name' in _error_line(_train('gs://Bad_Bucket-/demo'))
+
+  # no credentials: no emulator, no key file, no gcloud login; google-auth's probe of the GCE
+  # metadata server goes to a localhost trap, so nothing leaves the machine
+  trap = gcs_emulator.MetadataTrap()
+  try:
+    proc = subprocess.run(
+        train_cmd('gs://pplug-no-creds/demo'), cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env=_env(STORAGE_EMULATOR_HOST=None, TENSORSTORE_GCS_HTTP_URL=None,
+                              GOOGLE_AUTH_TOKEN_FOR_TESTING=None,
+                              GOOGLE_APPLICATION_CREDENTIALS=None, HOME=str(tmp_path),
+                              CLOUDSDK_CONFIG=str(tmp_path / 'gcloud'), **trap.env))
+  finally:
+    trap.stop()
+  line = _error_line(proc)
+  assert line == ('error: --workdir=gs://pplug-no-creds/demo: no Google Cloud credentials found '
+                  'to read it: run `gcloud auth application-default login` (a workstation), or '
+                  'give the TPU/GCE VM a service account with access to the bucket (or set '
+                  'GOOGLE_APPLICATION_CREDENTIALS to a key file).'), line
+  assert trap.connections >= 1  # the probe reached the trap on localhost
+
+  # refused credentials: a key file whose token endpoint (on localhost) refuses them
+  token = gcs_emulator.MetadataTrap(400, json.dumps({
+      'error': 'invalid_grant', 'error_description': 'Invalid JWT Signature.'}).encode())
+  key = gcs_emulator.service_account_key(str(tmp_path / 'key.json'),
+                                         f'http://{token.address}/token')
+  try:
+    proc = subprocess.run(
+        train_cmd('gs://pplug-refused/demo'), cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env=_env(STORAGE_EMULATOR_HOST=None, TENSORSTORE_GCS_HTTP_URL=None,
+                              GOOGLE_AUTH_TOKEN_FOR_TESTING=None,
+                              GOOGLE_APPLICATION_CREDENTIALS=key))
+  finally:
+    token.stop()
+  line = _error_line(proc)
+  assert line.startswith('error: --workdir=gs://pplug-refused/demo: Cloud Storage refused the '
+                         "credentials (('invalid_grant: Invalid JWT Signature.'"), line
+  assert line.endswith('run `gcloud auth application-default login` (a workstation), or give '
+                       'the TPU/GCE VM a service account with access to the bucket (or set '
+                       'GOOGLE_APPLICATION_CREDENTIALS to a key file).'), line
+  assert token.connections >= 1  # the token request went to localhost, and no further
+
+  bucket = gcs()
+  proxy = gcs_emulator.FaultProxy(gcs.emulator.url)
+  try:
+    # read-only: reads pass, every write is refused as Cloud Storage refuses it (403); the
+    # first write is the workdir's lock object, before any work
+    proxy.add('forbid')
+    line = _error_line(subprocess.run(train_cmd(f'{bucket}/demo'), cwd=ROOT, text=True,
+                                      capture_output=True, timeout=300, env=_env(**proxy.env)))
+    assert line.startswith(f'error: {bucket}/demo/.lock: permission denied to write it (403 '
+                           'POST '), line
+    assert line.endswith(f'The credentials in use need write access to {bucket} (e.g. '
+                         'roles/storage.objectUser), or use another bucket.'), line
+  finally:
+    proxy.stop()
+  assert storage.listdir(bucket) == []  # nothing was written
+  assert gcs.metadata.connections == 0  # the emulator's clients never probed for credentials
+
+
+@pytest.fixture(scope='module')
+def gcs_run(gcs, demo_run, straight_run, tmp_path_factory):
+  """The main job with --workdir gs://...: precompute, training, orbax checkpoints,
+  TensorBoard and results all on the emulator (only the demo's prepared data and base T5 are
+  copied in: the 4-minute fit). Its requests go through a proxy that holds the upload of
+  checkpoint 20's commit_success.txt, so the run is SIGKILLed in the middle of that save, with
+  checkpoint 10 finished. A second run started meanwhile must be refused by the live run's
+  lock. Then the same command resumes and finishes. Returns what the tests check."""
+  import gcs_emulator
+  workdir = gcs() + '/demo'
+  storage.copytree(str(demo_run[0] / 'demo'), f'{workdir}/demo')
+  proxy = gcs_emulator.FaultProxy(gcs.emulator.url)
+  proxy.add('stall', r'checkpoints/20/commit_success\.txt', seconds=600)
+  log_start = gcs.emulator.log_size()
+  victim_log = open(tmp_path_factory.mktemp('gcs_run') / 'victim.log', 'w')  # never a pipe
+  victim = subprocess.Popen(train_cmd(workdir, *SIGKILL_FLAGS), cwd=ROOT, env=_env(**proxy.env),
+                            stdout=victim_log, stderr=victim_log)
+  try:
+    assert proxy.stalled.wait(400), 'the run never reached the save of checkpoint 20'
+    second = _train(workdir, *SIGKILL_FLAGS)
+    killed = {'lock': json.loads(storage.read_generation(f'{workdir}/.lock')[0]),
+              'finished': sorted(storage.listdir(f'{workdir}/checkpoints')),
+              'partial': sorted(storage.listdir(f'{workdir}/checkpoints/20')),
+              'latest': checkpoints.find(workdir, 'latest')}
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+  finally:
+    victim.kill()
+    victim_log.close()
+    proxy.stop()
+  killed['result_before'] = storage.exists(f'{workdir}/train_result.json')
+  resumed = _train(workdir, *SIGKILL_FLAGS)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  return {'workdir': workdir, 'victim': victim, 'second': second, 'killed': killed,
+          'resumed': resumed, 'requests': gcs.emulator.requests(log_start),
+          'straight': straight_run[0]}
+
+
+def test_demo_on_gcs_killed_mid_save_resumes_bit_identical(gcs_run, gcs, tmp_path):
+  r = gcs_run
+  workdir, straight, killed = r['workdir'], r['straight'], r['killed']
+  assert (f'error: {workdir} is in use by train (pid {r["victim"].pid} on '
+          f'{socket.gethostname()}, since ') in _error_line(r['second'])
+  # killed in the middle of saving checkpoint 20: its folder has objects but no
+  # commit_success.txt, so it is not a checkpoint, for orbax or for evaluate/export
+  assert killed['lock']['pid'] == r['victim'].pid
+  assert killed['finished'] == ['10', '20'] and 'commit_success.txt' not in killed['partial']
+  assert killed['partial'], 'the save of 20 had begun'
+  assert killed['latest'] == (f'{workdir}/checkpoints/10', 10)
+  assert not killed['result_before'], 'finished before the kill'
+  log = r['resumed'].stderr
+  # the killed run's lock object stays behind; its pid is gone, so it is stale at once
+  assert 'taking over a stale lock' in log and f'pid {r["victim"].pid} on this host' in log
+  assert f'Resumed from {workdir}/checkpoints at step 10' in log, log[-3000:]
+  assert not storage.exists(f'{workdir}/.lock')  # released at the end
+  # records made on gs:// give the local run's parameters exactly
+  assert max_abs_diff(restore_params(straight, 40), restore_params(workdir, 40)) == 0.0
+  local = fileio.read_json(os.path.join(straight, 'train_result.json'))
+  remote = fileio.read_json(f'{workdir}/train_result.json')
+  assert remote['dev'] == local['dev'] and remote['step'] == 40
+  # the same files as the local run (less its profile trace, and its flock file)
+  assert sorted(storage.listdir(workdir)) == sorted(
+      set(os.listdir(straight)) - {'profile', '.lock'})
+  assert sorted(storage.listdir(f'{workdir}/checkpoints')) == ['20', '30', '40']
+  # TensorBoard: both runs' scalars, one event file each (the killed run's flushed at 10)
+  events = storage.glob(f'{workdir}/tensorboard/events.*')
+  assert len(events) == 2, events
+  steps = set()
+  for i, event_file in enumerate(events):
+    copy = tmp_path / f'events{i}'
+    copy.write_bytes(storage.read_range(event_file, 0, 1 << 30))
+    for event in tf.compat.v1.train.summary_iterator(str(copy)):
+      steps.update(event.step for v in event.summary.value if v.tag == 'train/loss')
+  assert {10, 20, 30, 40} <= steps, steps
+  # every request went to the emulator, none probed for credentials
+  assert len(r['requests']) > 100 and gcs.metadata.connections == 0
+
+
+def _job(module, *args):
+  proc = subprocess.run([sys.executable, '-m', f'pplug_jax.{module}', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_evaluate_export_table_and_inference_on_gcs_equal_the_local_run(gcs_run, gcs, tmp_path):
+  """evaluate, table and export on the gs:// workdir (export to gs://), then the inference API
+  serving that gs:// export: the same metrics and predictions as the local run."""
+  from pplug_jax.data import lamp
+  from pplug_jax.inference import PersonaPlugGenerator
+  import shutil
+  workdir, straight = gcs_run['workdir'], str(tmp_path / 'local')
+  shutil.copytree(gcs_run['straight'], straight)  # the shared run stays as it was
+  for w in (workdir, straight):
+    _job('evaluate', f'--workdir={w}', '--split=dev')
+  def metrics(path):  # all but the machine's speed
+    return {k: v for k, v in fileio.read_json(path).items() if k != 'examples_per_second'}
+  local = metrics(os.path.join(straight, 'metrics_dev.json'))
+  assert metrics(f'{workdir}/metrics_dev.json') == local and 'accuracy' in local
+  predictions = fileio.read_json(f'{workdir}/predictions_dev.json')
+  assert predictions == fileio.read_json(os.path.join(straight, 'predictions_dev.json'))
+  table = _job('table', f'--workdir={workdir}')
+  assert f'| {local["accuracy"]:.3f}' in table.stdout or f'**{local["accuracy"]:.3f}**' in \
+      table.stdout, table.stdout
+  assert storage.exists(f'{workdir}/table1.md')
+  assert storage.read_range(f'{workdir}/table1.png', 0, 8) == b'\x89PNG\r\n\x1a\n'
+  out = gcs() + '/exports/plug'
+  _job('export', f'--workdir={workdir}', f'--out={out}')
+  config = checkpoints.load_config(workdir)
+  assert config.llm.path == f'{workdir}/demo/tiny_t5'  # the base model is read from gs:// too
+  gen = PersonaPlugGenerator(config.llm.path, config.encoder.path, out)
+  raw = fileio.read_json(lamp.split_files(lamp.task_dir(config.data.lamp_dir, 'LaMP_2'),
+                                          'dev')[0])[:16]
+  served = gen.generate([q['input'] for q in raw], profiles=[q['profile'] for q in raw])
+  expected = {g['id']: g['output'] for g in predictions['golds']}
+  assert served == [expected[q['id']] for q in raw]
+  assert gcs.metadata.connections == 0
+
+
+def test_a_refused_checkpoint_write_on_gcs_stops_the_run_at_once(gcs, demo_run):
+  """tensorstore's writes of checkpoint 10 are refused (403, as a bucket that loses write
+  access would): the run stops at the next step, one line naming the step folder and the
+  cause, instead of training on with nothing saved."""
+  import gcs_emulator
+  workdir = gcs() + '/refused'
+  for sub in ('demo', 'records'):
+    storage.copytree(str(demo_run[0] / sub), f'{workdir}/{sub}')
+  storage.remove(f'{workdir}/records/.lock')  # the local flock file
+  proxy = gcs_emulator.FaultProxy(gcs.emulator.url)
+  proxy.add('forbid', r'checkpoints/10\.orbax-checkpoint-tmp/|checkpoints/10/')
+  try:
+    proc = subprocess.run(train_cmd(workdir, '--config.optim.max_steps=200',
+                                    '--config.train.checkpoint_every=10',
+                                    '--config.train.eval_every=1000',
+                                    '--config.demo_compare=False'),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=_env(**proxy.env))
+  finally:
+    proxy.stop()
+  line = _error_line(proc)
+  assert line.startswith(f'error: saving the checkpoint {workdir}/checkpoints/10 failed ('), line
+  # the cause as the client that failed first words it: tensorstore (PERMISSION_DENIED, 403)
+  # or gcsfs (Forbidden, and the reason)
+  assert re.search(r'PERMISSION_DENIED|403|Forbidden: .* does not have storage\.objects\.create '
+                   'access', line), line
+  stopped = int(re.search(r'Training stopped at step (\d+)\. ', line)[1])
+  assert 10 <= stopped <= 15, line
+  assert proxy.faults >= 1 and not storage.exists(f'{workdir}/train_result.json')

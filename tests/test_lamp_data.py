@@ -1,7 +1,9 @@
 """LaMP parsing per task, validation errors, and the synthetic generator."""
 
 import json
+import os
 
+import numpy as np
 import pytest
 
 from pplug_jax.data import lamp, synthetic
@@ -153,3 +155,90 @@ def test_tfds_builder_reads_manual_dir(tmp_path):
     assert [t.decode() for t in d['profile']['text']] == [i.text for i in e.profile]
   test = list(builder.as_dataset(split='test').as_numpy_iterator())
   assert len(test) == 3 and not any(t['has_output'] for t in test)
+
+
+# sha256 over the files (name, bytes; sorted) of generate(d, task, users={'train': 30, 'dev': 10,
+# 'test': 5}, seed=0, lengths=...), recorded before the scenarios existed
+DEFAULT_FILES_SHA256 = {
+    ('LaMP_2', 'short'): '2e66b53445e1cf62810b6cd113c4a279e8133fb5a18eefe93cd8b861e44efeee',
+    ('LaMP_2', 'lamp'): 'ee5943cee6c9673022609e58aef29520546e0c42cc31b65f9f5d0890650e6b31',
+    ('LaMP_4', 'short'): '54e586cf6837ce1b9651c2d50976e8e337a37be5d33a35758166857b2f6115eb',
+    ('LaMP_7', 'short'): '7896808a55e3434c57d6632a59fc7ad4f09909ac60b3c8d3bf77e96ecf72479e',
+}
+
+
+@pytest.mark.parametrize('task,lengths', sorted(DEFAULT_FILES_SHA256))
+def test_synthetic_defaults_are_byte_identical(tmp_path, task, lengths):
+  import hashlib
+  synthetic.generate(str(tmp_path), task, users={'train': 30, 'dev': 10, 'test': 5}, seed=0,
+                     lengths=lengths)
+  h = hashlib.sha256()
+  root = tmp_path / task
+  for name in sorted(os.listdir(root)):
+    h.update(name.encode())
+    h.update((root / name).read_bytes())
+  assert h.hexdigest() == DEFAULT_FILES_SHA256[(task, lengths)]
+
+
+def _raw(root, split='train'):
+  import json
+  q = json.load(open(root / 'LaMP_2' / f'{split}_questions.json'))
+  o = {g['id']: g['output'] for g in json.load(open(root / 'LaMP_2' / f'{split}_outputs.json'))[
+      'golds']}
+  return [(x, o[x['id']]) for x in q]
+
+
+def _majority(items):
+  import collections
+  return collections.Counter(i['tag'] for i in items).most_common(1)[0][0] if items else None
+
+
+def test_drift_only_the_recent_items_show_the_current_preference(tmp_path):
+  info = synthetic.generate(str(tmp_path), 'LaMP_2', users={'train': 80, 'dev': 10, 'test': 5},
+                            seed=1, empty_frac=0.0, long_frac=0.0, scenario='drift')
+  assert info['scenario'] == 'drift' and info['best_non_personalised_accuracy'] == 0.25
+  users, stale = 0, 0
+  recent_match, recent_n, early_match, early_n = 0, 0, 0, 0
+  for q, output in _raw(tmp_path):
+    items = sorted(q['profile'], key=lambda i: i['date'])
+    if len(items) < 12:
+      continue
+    users += 1
+    n = len(items)
+    recent = items[int(np.ceil(n * synthetic.DRIFT_CHANGE[1])):]  # after every change point
+    early = items[:int(n * synthetic.DRIFT_CHANGE[0])]  # before every change point
+    recent_match += sum(i['tag'] == output for i in recent)
+    recent_n += len(recent)
+    early_match += sum(i['tag'] == output for i in early)
+    early_n += len(early)
+    stale += _majority(items) != output
+  # the current preference: signal 0.8 + 0.2 / 4 by chance after the change, 0.2 / 4 before
+  assert recent_match / recent_n >= 0.75 and early_match / early_n <= 0.12
+  assert users >= 50 and stale >= 0.9 * users  # the whole history points the wrong way
+
+
+def test_two_preferences_the_inputs_kind_decides_the_answer(tmp_path):
+  info = synthetic.generate(str(tmp_path), 'LaMP_2', users={'train': 80, 'dev': 10, 'test': 5},
+                            seed=2, empty_frac=0.0, long_frac=0.0, scenario='two_preferences')
+  assert info['scenario'] == 'two_preferences'
+  users = 0
+  for q, output in _raw(tmp_path):
+    words = q['input'].split()
+    kinds = [k for k, w in enumerate(synthetic.KIND_WORDS) if w in words]
+    assert len(kinds) == 1, q['input']
+    by_kind = [[i for i in q['profile'] if synthetic.KIND_WORDS[k] in i['description'].split()]
+               for k in (0, 1)]
+    assert sum(map(len, by_kind)) == len(q['profile'])  # every item has one kind
+    if min(map(len, by_kind)) < 6:
+      continue
+    users += 1
+    assert _majority(by_kind[kinds[0]]) == output
+    assert _majority(by_kind[1 - kinds[0]]) != output
+  assert users >= 50
+
+
+def test_scenarios_are_refused_where_they_do_not_exist(tmp_path):
+  with pytest.raises(ValueError, match=r"scenario='weekly': use one of \('stable', 'drift', "):
+    synthetic.generate(str(tmp_path), 'LaMP_2', scenario='weekly')
+  with pytest.raises(ValueError, match="scenario='drift' exists for LaMP_2 only, not LaMP_7"):
+    synthetic.generate(str(tmp_path), 'LaMP_7', scenario='drift')

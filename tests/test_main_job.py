@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 
 from pplug_jax.errors import UserError
 
-from conftest import ROOT, train_cmd as _train_cmd
+from conftest import (ROOT, SIGKILL_FLAGS, max_abs_diff, prepared_copy, restore_params,
+                      train_cmd as _train_cmd)
 
 
 def test_demo_learns_and_beats_the_non_personalised_model(demo_run):
@@ -56,36 +56,13 @@ def test_demo_is_the_table1_comparison(demo_run):
   assert (workdir / 'table' / 'table1.png').stat().st_size > 1000
 
 
-def _restore_params(workdir, step):
-  import orbax.checkpoint as ocp
-  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step),
-                                                          'state'))
-  import jax
-  return jax.tree.map(np.asarray, state['params'])
-
-
-def _prepared_copy(src, dst):
-  os.makedirs(dst)
-  for sub in ('demo', 'records'):
-    shutil.copytree(os.path.join(src, sub), os.path.join(dst, sub))
-
-
-def test_sigkill_then_resume_equals_uninterrupted(demo_run, tmp_path):
-  src = demo_run[0]
-  flags = ['--config.optim.max_steps=40', '--config.train.checkpoint_every=10',
-           '--config.train.eval_every=1000', '--config.train.log_every=10',
-           '--config.demo_compare=False']
-  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
-  _prepared_copy(src, straight)
-  _prepared_copy(src, killed)
-  # the uninterrupted run also traces steps 4 and 5: profiling changes no result
-  proc = subprocess.run(_train_cmd(straight, *flags, '--config.train.profile_steps=(3,5)'),
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  _check_profile_and_throughput(straight, proc.stderr)
-
-  victim = subprocess.Popen(_train_cmd(killed, *flags), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def test_sigkill_then_resume_equals_uninterrupted(demo_run, straight_run, tmp_path):
+  straight, straight_log = straight_run
+  _check_profile_and_throughput(straight, straight_log)
+  killed = str(tmp_path / 'killed')
+  prepared_copy(str(demo_run[0]), killed)
+  victim = subprocess.Popen(_train_cmd(killed, *SIGKILL_FLAGS), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = os.path.join(killed, 'checkpoints', '10')
   deadline = time.time() + 300
   while not os.path.isdir(first) and time.time() < deadline and victim.poll() is None:
@@ -94,14 +71,43 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_run, tmp_path):
   victim.wait()
   assert os.path.isdir(first)
   assert not os.path.exists(os.path.join(killed, 'train_result.json')), 'finished before the kill'
-  proc = subprocess.run(_train_cmd(killed, *flags), cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run(_train_cmd(killed, *SIGKILL_FLAGS), cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resumed from' in proc.stderr
-  a, b = _restore_params(straight, 40), _restore_params(killed, 40)
-  import jax
-  diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b))
-  assert max(diffs) == 0.0, max(diffs)
+  assert max_abs_diff(restore_params(straight, 40), restore_params(killed, 40)) == 0.0
+
+
+def _limit_file_size():
+  """In the child: files may not grow past 200 kB (a write past that fails with EFBIG, as one
+  fails on a full disk); the demo's plug checkpoint is larger, its other files are not."""
+  import resource
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_a_failed_checkpoint_save_stops_the_run_at_once(demo_run, tmp_path):
+  """orbax writes a checkpoint in a background thread, and a failure there used to surface
+  only at the end of training. Now the run stops at the next step with one line naming the
+  step folder and the cause, and trains no further."""
+  workdir = str(tmp_path / 'w')
+  prepared_copy(str(demo_run[0]), workdir)
+  proc = subprocess.run(_train_cmd(workdir, '--config.optim.max_steps=200',
+                                   '--config.train.checkpoint_every=10', '--config.train.log_every=1',
+                                   '--config.train.eval_every=1000', '--config.demo_compare=False'),
+                        cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        preexec_fn=_limit_file_size)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = [l for l in proc.stderr.splitlines() if l.strip()][-1]
+  assert line.startswith(f'error: saving the checkpoint {workdir}/checkpoints/10 failed '
+                         '(ValueError: '), line
+  assert 'File too large' in line, line
+  stopped = int(re.search(r'Training stopped at step (\d+)\. ', line)[1])
+  assert line.endswith('Fix the cause (space, permissions) and run the same command again: no '
+                       'checkpoint is finished yet, so it starts again.'), line
+  logged = [int(m) for m in re.findall(r'step (\d+)/200 loss', proc.stderr)]
+  assert 10 <= stopped <= 15 and max(logged) == stopped, (stopped, logged[-3:])
+  assert not os.path.exists(os.path.join(workdir, 'train_result.json'))
 
 
 def _check_profile_and_throughput(workdir, log):

@@ -148,3 +148,42 @@ def test_evaluation_over_two_processes_sees_every_id_once(runs):
   with open(os.path.join(straight, 'predictions_dev.json')) as f:
     one = {g['id']: g['output'] for g in json.load(f)['golds']}
   assert one == two
+
+
+def test_two_processes_on_a_gcs_workdir_one_writer_per_file(runs, demo_run, gcs):
+  """2 processes x 4 devices, --workdir on the emulator, each process behind its own proxy
+  that records what it writes: process 0 alone holds the object lock and writes the shared
+  files; process 1 writes only its own checkpoint shards; the result is the local run's."""
+  import gcs_emulator
+  from conftest import restore_params
+  from pplug_jax import fileio, storage
+  straight, single = runs[0], runs[2]
+  workdir = gcs() + '/multihost'
+  storage.copytree(os.path.join(str(demo_run[0]), 'demo'), f'{workdir}/demo')
+  storage.copytree(os.path.join(straight, 'records'), f'{workdir}/records')
+  storage.remove(f'{workdir}/records/.lock')  # the local flock file
+  proxies = [gcs_emulator.FaultProxy(gcs.emulator.url) for _ in range(2)]
+  env = dict(_env(), PROXY_0=proxies[0].url, PROXY_1=proxies[1].url)
+  per_process = ('export STORAGE_EMULATOR_HOST=$(eval echo \\$PROXY_$PPLUG_PROCESS_ID); '
+                 'export TENSORSTORE_GCS_HTTP_URL=$STORAGE_EMULATOR_HOST; exec "$@"')
+  try:
+    proc = subprocess.run([HARNESS, '2', 'sh', '-c', per_process, 'sh', *_train_args(workdir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  finally:
+    for p in proxies:
+      p.stop()
+  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+  assert 'Resumed from' not in proc.stdout
+  # the 2-process local run exactly, and the 1 x 8 run as closely as that one is
+  assert _max_diff(restore_params(straight, 12), restore_params(workdir, 12)) == 0.0
+  assert _max_diff(restore_params(single, 4), restore_params(workdir, 4)) <= 1e-6
+  local = fileio.read_json(os.path.join(straight, 'train_result.json'))
+  assert fileio.read_json(f'{workdir}/train_result.json')['dev'] == local['dev']
+  assert len(storage.glob(f'{workdir}/tensorboard/*tfevents*')) == 1
+  assert not storage.exists(f'{workdir}/.lock')
+  p0, p1 = ({w.removeprefix('multihost/') for w in p.writes} for p in proxies)
+  assert p1 and not p0 & p1, sorted(p0 & p1)  # one writer per object
+  for shared in ('.lock', 'config.json', 'train_result.json', 'records/used_by.json'):
+    assert shared in p0, sorted(p0)
+  assert any('tfevents' in w for w in p0) and not any('tfevents' in w for w in p1)
+  assert all(w.startswith(('checkpoints/', 'best/')) and 'process_1' in w for w in p1), sorted(p1)

@@ -384,3 +384,37 @@ def test_time_decay_without_dates_exits_2_before_any_work(tmp_path, tiny_t5, min
   assert _tree(lamp_dir) == before
   written = set(_tree(workdir)) if workdir.exists() else set()
   assert written <= {'.lock'}, written  # the workdir lock's file alone: nothing else was made
+
+
+@pytest.mark.parametrize('flags', [
+    ('--config.plug.pooling=mean', '--config.plug.instruction=False'),
+    ('--config.plug.num_persona_tokens=2', '--config.plug.time_decay=learned'),
+], ids=['mean-no-instruction', 'k2-time-decay'])
+def test_each_variant_exports_and_its_inference_equals_its_evaluation(flags, demo_run, tmp_path):
+  """A variant trained on the demo's records, exported, and served by PersonaPlugGenerator from
+  the LaMP profile items (with their dates) gives evaluate's outputs on the same dev examples."""
+  from conftest import prepared_copy, train_cmd
+  from pplug_jax import checkpoints, evaluate, fileio
+  from pplug_jax.data import lamp
+  from pplug_jax.inference import PersonaPlugGenerator
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'plug')
+  prepared_copy(str(demo_run[0]), workdir)
+  proc = subprocess.run(train_cmd(workdir, *flags, '--config.optim.max_steps=60',
+                                  '--config.train.eval_every=1000', '--config.demo_compare=False'),
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = checkpoints.load_config(workdir)
+  evaluate.evaluate(config, workdir, 'dev', 'best')
+  from_checkpoint = {g['id']: g['output']
+                     for g in fileio.read_json(os.path.join(workdir, 'predictions_dev.json'))['golds']}
+  proc = subprocess.run([sys.executable, '-m', 'pplug_jax.export', f'--workdir={workdir}',
+                         f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  gen = PersonaPlugGenerator(config.llm.path, config.encoder.path, out)
+  for key in ('pooling', 'instruction', 'num_persona_tokens', 'time_decay'):
+    assert gen.config.plug[key] == config.plug[key], key
+  questions, _ = lamp.split_files(lamp.task_dir(config.data.lamp_dir, 'LaMP_2'), 'dev')
+  raw = fileio.read_json(questions)[:24]
+  texts = gen.generate([q['input'] for q in raw], profiles=[q['profile'] for q in raw])
+  assert texts == [from_checkpoint[q['id']] for q in raw]
+  assert len(set(texts)) >= 3, texts  # the persona steers: not one answer for every user

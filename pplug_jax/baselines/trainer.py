@@ -24,8 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from pplug_jax import storage
-from pplug_jax import fileio, partitioning
+from pplug_jax import checkpoints, fileio, partitioning, storage
 from pplug_jax.errors import ConfigError
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
@@ -99,6 +98,7 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
   if manager.latest_step() is not None:
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
     logging.info('%s: resumed at step %d of %d', desc, int(state['step']), total)
+  saves = checkpoints.SaveWatch(manager)
   base_key = jax.random.PRNGKey(settings.seed)
 
   @jax.jit
@@ -120,14 +120,15 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
                                                 (offset + 1) * settings.batch_size]
     batch = {k: partitioning.global_from_host(mesh, rules, v[rows]) for k, v in data.items()}
     state, loss = train_step(state, batch)
+    saves.check(step)  # a failed save stops the run here
     step += 1
     losses.append(loss)
     bar.update(1)
     if step % 10 == 0 or step == total:
       bar.set_postfix(loss=f'{float(loss):.4f}')
     if step % settings.checkpoint_every == 0 or step == total:
-      manager.save(step, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
+      saves.save(manager, step, args=ocp.args.StandardSave(state))
+  saves.wait(step)
   bar.close()
   logging.info('%s: %d steps (%d epochs of %d examples) in %.1fs', desc, total, settings.epochs,
                n, time.time() - start)

@@ -64,6 +64,13 @@ LAMP4_PROMPT = 'Generate a headline for the following article: {text}'
 
 SUPPORTED = ('LaMP_2', 'LaMP_4', 'LaMP_7')
 LENGTHS = ('short', 'lamp')
+# 'stable': one preference per user (the default; its files are unchanged byte for byte).
+# 'drift': each user's preference changes at a random date; only the items after it show the
+# current one, which decides the output. 'two_preferences': a user has one preference per kind
+# of input (KIND_WORDS), and the input's kind decides which one answers. LaMP-2 only.
+SCENARIOS = ('stable', 'drift', 'two_preferences')
+KIND_WORDS = ('sunrise', 'midnight')
+DRIFT_CHANGE = (0.6, 0.9)  # where in a user's dated history the preference changes (share)
 
 
 def _count(rng: np.random.Generator, stats: tuple[float, float] | None, default: int,
@@ -95,19 +102,30 @@ def _dates(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def make_user(task: str, uid: str, pref: int, prefs: Sequence[str], n_items: int,
-              rng: np.random.Generator, signal: float,
-              lengths: str = 'short') -> tuple[dict, str]:
-  """One LaMP question (with profile) and its output for a user with preference `pref`."""
+              rng: np.random.Generator, signal: float, lengths: str = 'short',
+              scenario: str = 'stable', other: int = -1) -> tuple[dict, str]:
+  """One LaMP question (with profile) and its output for a user with preference `pref` (and,
+  outside 'stable', a second preference `other`: the one before the drift, or the one of the
+  second kind of input)."""
   stats = LAMP_LENGTHS[task] if lengths == 'lamp' else {'input': None, 'output': None,
                                                          'item': None}
   dates = _dates(rng, n_items)
+  change = int(np.ceil(n_items * rng.uniform(*DRIFT_CHANGE))) if scenario == 'drift' else 0
   profile = []
   for k in range(n_items):
+    current, kind = pref, None
+    if scenario == 'drift' and k < change:
+      current = other
+    elif scenario == 'two_preferences':
+      kind = int(rng.integers(0, 2))
+      current = pref if kind == 0 else other
     own = rng.random() < signal
-    p = pref if own else int(rng.integers(0, len(prefs)))
+    p = current if own else int(rng.integers(0, len(prefs)))
     if task == 'LaMP_2':
       words = _words(rng, GENRE_WORDS[prefs[p]].split(), 3) + _words(
           rng, FILLER, _count(rng, stats['item'], 8, minimum=4) - 3)
+      if kind is not None:
+        words.append(KIND_WORDS[kind])
       rng.shuffle(words)
       profile.append({'id': f'{uid}{k:04d}', 'tag': prefs[p], 'description': ' '.join(words),
                       'date': dates[k]})
@@ -121,9 +139,15 @@ def make_user(task: str, uid: str, pref: int, prefs: Sequence[str], n_items: int
   if task == 'LaMP_2':
     n = _count(rng, stats['input'] and (stats['input'][0] - LAMP2_PROMPT_WORDS,
                                         stats['input'][1]), 8)
-    body = ' '.join(_words(rng, FILLER, n))
+    words = _words(rng, FILLER, n)
+    answer = pref
+    if scenario == 'two_preferences':
+      kind = int(rng.integers(0, 2))
+      words.insert(int(rng.integers(0, len(words) + 1)), KIND_WORDS[kind])
+      answer = pref if kind == 0 else other
+    body = ' '.join(words)
     question = LAMP2_PROMPT.format(tags=', '.join(prefs), text=body)
-    output = prefs[pref]
+    output = prefs[answer]
   elif task == 'LaMP_4':
     body = ' '.join(_words(rng, FILLER, _count(rng, stats['input'] and (
         stats['input'][0] - 7, stats['input'][1]), 8)))
@@ -142,13 +166,17 @@ def make_user(task: str, uid: str, pref: int, prefs: Sequence[str], n_items: int
 def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
              users: dict[str, int] | None = None, num_preferences: int = 4, seed: int = 0,
              empty_frac: float = 0.05, long_frac: float = 0.02, mean_items: int = 20,
-             signal: float = 0.8, lengths: str = 'short') -> dict:
+             signal: float = 0.8, lengths: str = 'short', scenario: str = 'stable') -> dict:
   """Writes train/dev/test files under `lamp.task_dir(out_dir, task, split_type)`; returns info."""
   task = lamp.task_spec(task).name
   if task not in SUPPORTED:
     raise ValueError(f'synthetic data exists for {SUPPORTED}, not {task}.')
   if lengths not in LENGTHS:
     raise ValueError(f'lengths={lengths!r}: use one of {LENGTHS}.')
+  if scenario not in SCENARIOS:
+    raise ValueError(f'scenario={scenario!r}: use one of {SCENARIOS}.')
+  if scenario != 'stable' and task != 'LaMP_2':
+    raise ValueError(f'scenario={scenario!r} exists for LaMP_2 only, not {task}.')
   pool = list(GENRE_WORDS) if task == 'LaMP_2' else list(TWEET_STYLES)
   if not 2 <= num_preferences <= len(pool):
     raise ValueError(f'num_preferences must be in [2, {len(pool)}] for {task}.')
@@ -157,6 +185,7 @@ def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
   rng = np.random.default_rng(seed)
   root = lamp.task_dir(out_dir, task, split_type)
   info = {'task': task, 'seed': seed, 'preferences': prefs, 'lengths': lengths,
+          **({'scenario': scenario} if scenario != 'stable' else {}),
           'best_non_personalised_accuracy': 1.0 / num_preferences, 'splits': {}}
   next_uid = 100000
   for split, n in users.items():
@@ -165,11 +194,14 @@ def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
       uid = str(next_uid)
       next_uid += 1
       pref = int(rng.integers(0, num_preferences))
+      other = -1
+      if scenario != 'stable':  # a second preference, never the first (no draw when stable)
+        other = (pref + 1 + int(rng.integers(0, num_preferences - 1))) % num_preferences
       size = _profile_size(rng, empty_frac, long_frac, mean_items)
-      q, o = make_user(task, uid, pref, prefs, size, rng, signal, lengths)
+      q, o = make_user(task, uid, pref, prefs, size, rng, signal, lengths, scenario, other)
       questions.append(q)
       outputs[uid] = o
-      counts[prefs[pref]] += 1
+      counts[o if scenario != 'stable' else prefs[pref]] += 1  # o: the LaMP-2 tag
     lamp.write_split(root, split, task, questions, None if split == 'test' else outputs)
     if split == 'test':  # keep the hidden answers next to, not inside, the LaMP files
       fileio.write_json(os.path.join(root, 'test_hidden_outputs.json'), {
@@ -191,7 +223,7 @@ def main(argv):
   info = generate(FLAGS.out, FLAGS.task, FLAGS.split_type,
                   {'train': FLAGS.train_users, 'dev': FLAGS.dev_users, 'test': FLAGS.test_users},
                   FLAGS.num_preferences, FLAGS.seed, FLAGS.empty_frac, FLAGS.long_frac,
-                  FLAGS.mean_items, FLAGS.signal, FLAGS.lengths)
+                  FLAGS.mean_items, FLAGS.signal, FLAGS.lengths, FLAGS.scenario)
   print(json.dumps(info, indent=1))
 
 
@@ -210,5 +242,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('mean_items', 20, 'Mean profile size of the other users.')
   flags.DEFINE_float('signal', 0.8, "Share of a user's items that show their preference.")
   flags.DEFINE_enum('lengths', 'short', list(LENGTHS), "'lamp': LaMP's text lengths per task.")
+  flags.DEFINE_enum('scenario', 'stable', list(SCENARIOS), "'drift' or 'two_preferences' "
+                    '(LaMP-2): data where the time-aware and several-token variants should matter.')
   flags.mark_flag_as_required('out')
   app.run(main)
