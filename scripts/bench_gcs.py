@@ -37,12 +37,12 @@ PHASES = ((r'demo: ', 'demo data and base model'),
 
 def _what(name: str) -> str:
   """What an object (or listing prefix) belongs to."""
-  rel = name.split('/demo/', 1)[-1] if '/demo/' in name else name.split('demo/', 1)[-1]
+  rel = name.removeprefix('demo/')  # the workdir is gs://BUCKET/demo
   for prefix, what in (('records/train', 'records: train'), ('records/dev', 'records: dev'),
                        ('records/test', 'records: test'), ('records', 'records: other'),
                        ('checkpoints', 'checkpoints'), ('best', 'checkpoints (best)'),
                        ('tensorboard', 'TensorBoard'), ('.lock', 'workdir lock'),
-                       ('demo/lamp', 'LaMP files'), ('demo/tiny', 'base model'),
+                       ('demo/lamp', 'demo LaMP files'), ('demo/tiny', 'demo base model'),
                        ('baselines', 'baselines'), ('table', 'table')):
     if rel.startswith(prefix):
       return what
@@ -89,7 +89,7 @@ def main() -> None:
   metadata = gcs_emulator.MetadataTrap()
   try:
     bucket = emulator.new_bucket('bench')
-    env = dict(os.environ, **emulator.env, **proxy.env, **metadata.env)
+    env = {**os.environ, **emulator.env, **proxy.env, **metadata.env}
     marks: list[tuple[float, str]] = []
     start = time.time()
     gcs_s = _run(train + [f'--workdir={bucket}/demo'], env, marks)
