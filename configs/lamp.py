@@ -304,6 +304,8 @@ def _demo(c, decoder: bool = False):
   if decoder:
     c.llm.name = 'demo-tiny-llama-byte'
     c.llm.tokenizer = ''  # its own byte-level tokenizer files, beside the weights (BOS + bytes)
+    # hidden 128 and 4 layers: at hidden 64 and 2 layers the frozen decoder cannot spell a tag
+    # that is not in its prompt, so no soft token can make it answer (README, issue 33's table)
     c.demo_model = ml_collections.ConfigDict(dict(
-        family='llama', hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=192,
-        num_layers=2, pretrain_steps=500, pretrain_lr=3e-3))
+        family='llama', hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+        intermediate_size=384, num_layers=4, pretrain_steps=500, pretrain_lr=3e-3))

@@ -167,7 +167,8 @@ def pretrain_tiny_decoder(config, out_dir: str) -> None:
       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rms_norm_eps=1e-6,
       bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
-      pad_token_id=tok.pad_token_id)
+      pad_token_id=tok.pad_token_id,
+      qkv_bias=m.family == 'qwen2', qk_norm=m.family == 'qwen3')  # as transformers' own
   encoding = tokenizers.LlmEncoding(tok, decoder_only=True, source=out_dir)
   train = lamp.load_split(config.data.lamp_dir, config.task, 'train', config.split_type)
   inputs = [e.input for e in train] + _rag_inputs(config, tok)

@@ -40,9 +40,11 @@ def batch_np(seed=0):
               target_mask=np.ones((B, T), np.int32))
 
 
-def bench_ours(path, repeats):
+def bench_ours(path, repeats, plug: dict | None = None):
+  """Seconds per train step and its XLA flop count; `plug`: config.plug overrides (a variant)."""
   config = lamp_config.get_config('demo')
   config.llm.path = path
+  config.plug.update(plug or {})
   config.llm.dtype = config.llm.param_dtype = 'float32'
   mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
   system = system_lib.load_system(config, DE, mesh)
@@ -51,6 +53,8 @@ def bench_ours(path, repeats):
   state = {'step': jnp.int32(10), 'params': params, 'opt_state': tx.init(params)}
   step = jax.jit(system_lib.make_train_step(system, tx), donate_argnums=(0,))
   batch = {k: jnp.asarray(v)[None] for k, v in batch_np().items()}
+  if system.plug.uses_dates:  # ages 0..H-1 days
+    batch['history_age'] = jnp.broadcast_to(jnp.arange(H, dtype=jnp.float32), (1, B, H))
   compiled = step.lower(state, system.llm_params, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
