@@ -18,7 +18,7 @@ Every key can be overridden on the command line, e.g. --config.optim.lr=3e-5.
 
 import ml_collections
 
-from pplug_jax import partitioning
+from pplug_jax import axis_rules
 from pplug_jax.data import lamp
 
 SIZES = ('small', 'base', 'large', 'xl', 'xxl')
@@ -218,7 +218,7 @@ def get_config(arg=None):
   # needs 23 GiB of temporaries per chip, (2, 4) 8.8 GiB (the planner); the README's runbook
   # sets --config.mesh_shape='(-1,4)'. The default runs on any number of devices.
   c.mesh_shape = (-1, 1)
-  c.logical_axis_rules = partitioning.STANDARD_RULES
+  c.logical_axis_rules = axis_rules.STANDARD_RULES
   if llm in DECODERS:
     c.llm.name = DECODERS[llm]['name']
     c.llm.update(DECODER_DEFAULTS)

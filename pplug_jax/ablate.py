@@ -19,15 +19,17 @@ both.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import ml_collections
 from absl import flags, logging
 
-from pplug_jax import cli, fileio, storage, train
-from pplug_jax.data import records
+from pplug_jax import checkpoints, cli, demo, fileio, storage, table, training, validation
+from pplug_jax.data import pipeline, records
 from pplug_jax.errors import ConfigError, UserError
+from pplug_jax.workdir_lock import held
 
 ABLATIONS_DIR = 'ablations'
 RESULTS_FILE = 'results.json'
@@ -104,9 +106,6 @@ def _base(config, workdir: str):
 def _check_finished(vdir: str, config, name: str) -> None:
   """A finished variant is reused only when it was trained with this study's settings (the
   changes a resume would forbid: checkpoints.config_changes)."""
-  import json
-  from pplug_jax import checkpoints
-  from pplug_jax.data import pipeline
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.num_streams = pipeline.num_streams(config)  # as train records it
   old = fileio.read_json(os.path.join(vdir, checkpoints.CONFIG_FILE))
@@ -121,7 +120,6 @@ def run_study(config, workdir: str, names: list[str]) -> dict[str, dict]:
   """Trains (or reuses) every variant in `names`; returns {name: {'keys', 'dev'}}."""
   base = _base(config, workdir)
   configs = {n: variant_config(base, n) for n in names if n != PERSONA_ZEROED}
-  from pplug_jax import validation
   for name, c in configs.items():  # every variant checked before the first trains
     try:
       validation.check_config(c)
@@ -141,7 +139,7 @@ def run_study(config, workdir: str, names: list[str]) -> dict[str, dict]:
       result = fileio.read_json(done)
     else:
       logging.info('ablation %s (%s): training into %s', name, VARIANTS[name][1], vdir)
-      result = train.train_and_evaluate(configs[name], vdir)
+      result = training.train_and_evaluate(configs[name], vdir)
     results[name] = {'keys': VARIANTS[name][0], 'dev': result['dev'],
                      'train_ms_per_step': result.get('train_ms_per_step'),
                      **({'dev_persona_zeroed': result['dev_persona_zeroed']}
@@ -159,7 +157,6 @@ def demo_study_configs(config, workdir: str) -> dict[str, tuple[Any, str, list[s
   """{scenario: (config, workdir, variant names)} of --config.demo_ablations=True, each
   variant's config checked: the demo on that scenario in W/demo_ablations/<scenario>/, with
   its own data, base model and records."""
-  from pplug_jax import validation
   out = {}
   for scenario in DEMO_SCENARIOS:
     c = ml_collections.ConfigDict(config.to_dict())
@@ -180,8 +177,6 @@ def demo_study_configs(config, workdir: str) -> dict[str, tuple[Any, str, list[s
 def demo_study(config, workdir: str) -> str:
   """Runs the `variants` study on each synthetic scenario where a variant should matter
   (resumably, as the command does) and returns the tables, one per scenario."""
-  from pplug_jax import demo, table
-  from pplug_jax.workdir_lock import held
   parts = []
   for scenario, (c, sub, names) in demo_study_configs(config, workdir).items():
     logging.info('demo_ablations: the %s study on %s data in %s', ', '.join(names), scenario,
@@ -200,7 +195,6 @@ def main(argv):
   with cli.job('ablate', check=lambda c: plan(f.study, only, c)) as config:
     names = plan(f.study, only, config)
     run_study(config, f.workdir, names)
-  from pplug_jax import table
   print(table.write_ablations(f.workdir))
 
 

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 from jax.sharding import Mesh
-from ml_collections import config_flags
 
-from pplug_jax import cli, fileio, generation, partitioning, system as system_lib, validation
+from pplug_jax import (axis_rules, cli, fileio, generation, partitioning, system as system_lib,
+                       validation)
 from pplug_jax import flops as flops_lib
 from pplug_jax.flops import CHIPS, Chip, generate_flops, train_step_flops
 from pplug_jax.data import pipeline
@@ -167,7 +167,7 @@ def plan(config, topology: str, mesh_shape: tuple[int, ...] | None = None,
   validation.check_config(config, num_devices=len(devices),
                           process_count=1)  # batch / mesh divisibility on this topology
   resolved = partitioning.resolve_mesh_shape(shape, len(devices))
-  mesh = Mesh(np.asarray(devices).reshape(resolved), partitioning.MESH_AXES)
+  mesh = Mesh(np.asarray(devices).reshape(resolved), axis_rules.MESH_AXES)
   system = abstract_system(config, mesh)
   tx, _ = system_lib.build_optimizer(config, 1000)
   out: dict[str, Any] = {'topology': topology, 'chip': chip.name, 'device_kind': kind,
@@ -302,7 +302,7 @@ def main(argv):
 
 if __name__ == '__main__':
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the TPU; run nothing locally
-  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
+  cli.define_config()
   flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1.')
   flags.DEFINE_string('mesh', '', 'data,model mesh shape, e.g. 1,8 (default: config.mesh_shape).')
   flags.DEFINE_string('json', '', 'Also write the plan as JSON here.')
@@ -310,5 +310,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('item_tokens', 512, 'ETA: their mean encoder tokens (at most 512).')
   flags.DEFINE_integer('train_examples', 0, 'ETA: training examples (before augmentation).')
   flags.DEFINE_integer('eval_examples', 0, 'ETA: examples of one evaluation.')
-  flags.mark_flags_as_required(['config', 'topology'])
+  flags.mark_flag_as_required('topology')
   cli.run(main)

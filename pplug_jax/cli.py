@@ -1,4 +1,4 @@
-"""Entry-point plumbing shared by train, evaluate, precompute and export.
+"""Entry-point plumbing shared by every command; it knows no job (the jobs import it).
 
 - Config flags whose errors are one line: an unknown key names the closest valid one.
 - A `UserError` (bad input, files or settings) prints its message alone and exits with status 2;
@@ -25,10 +25,12 @@ from typing import Any, Callable, Iterator
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from pplug_jax import storage
+from pplug_jax import demo, partitioning, storage, validation
 from pplug_jax.errors import UserError
+from pplug_jax.workdir_lock import held
 
 EXIT_USER_ERROR = 2
 
@@ -164,19 +166,26 @@ def tidy_logging() -> None:
 def _leave_distributed() -> None:
   """Every process finishes together; otherwise the first to exit takes the coordination
   service down under the others, which then abort."""
-  import jax
   if jax.distributed.is_initialized():
-    from pplug_jax import partitioning
     partitioning.sync('exit')
     jax.distributed.shutdown()
 
 
-def define_config_and_workdir(workdir_help: str) -> None:
-  """The --config (configs/lamp.py[:args], locked) and --workdir flags every job takes."""
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
-  flags.DEFINE_string('workdir', None, workdir_help)
-  flags.mark_flags_as_required(['config', 'workdir'])
+def define_config(help_text: str = 'configs/lamp.py[:args], e.g. configs/lamp.py:demo',
+                  required: bool = True) -> None:
+  """The --config flag, the one definition every command uses: a config file and its argument,
+  the ConfigDict locked (an unknown --config.KEY is an error naming the closest key)."""
+  config_flags.DEFINE_config_file('config', None, help_text, lock_config=True)
+  if required:
+    flags.mark_flag_as_required('config')
+
+
+def define_config_and_workdir(workdir_help: str, workdir_required: bool = True) -> None:
+  """The --config and --workdir flags every job takes."""
+  define_config()
+  flags.DEFINE_string('workdir', None if workdir_required else '', workdir_help)
+  if workdir_required:
+    flags.mark_flag_as_required('workdir')
 
 
 def check_workdir(path: str | None, flag: str = '--workdir') -> None:
@@ -194,8 +203,6 @@ def job(command: str, check: Callable[[Any], None] | None = None) -> Iterator[An
   """--config for a job that writes into --workdir: every value checked (with `check` for the
   command's own flags) before anything is written, then the workdir locked for the job's life;
   for the demo, its files made first, under the lock."""
-  from pplug_jax import partitioning, validation
-  from pplug_jax.workdir_lock import held
   partitioning.maybe_initialize_distributed()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   validation.check_config(config)
@@ -203,7 +210,6 @@ def job(command: str, check: Callable[[Any], None] | None = None) -> Iterator[An
     check(config)
   with held(workdir, command):
     if config.demo:  # the demo's own files, never a user's
-      from pplug_jax import demo
       demo.prepare(config, workdir)
     yield config
 

@@ -9,7 +9,6 @@ Llama.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -22,8 +21,8 @@ from absl import logging
 
 from pplug_jax import storage
 from pplug_jax import fileio, partitioning, tokenizers
-from pplug_jax.models.text_encoder import TextEncoder
 from pplug_jax.errors import ConfigError
+from pplug_jax.baselines import rag_prompt, rank_profile
 from pplug_jax.data import lamp, synthetic
 from pplug_jax.models import backbone, decoder as decoder_lib, hf_weights, t5 as t5_lib
 
@@ -101,9 +100,7 @@ def is_decoder_demo(config) -> bool:
 
 def _rag_inputs(config, tok) -> list[str]:
   """LaMP RAG prompts (k = config.rag.k) for the train users, alternating BM25 and recency."""
-  from pplug_jax.baselines import rag_prompt, rank_profile
-  from pplug_jax.baselines.runner import raw_questions
-  _, questions, _ = raw_questions(config, 'train')
+  _, questions, _ = lamp.raw_questions(config, 'train')
   prompts = []
   for n, q in enumerate(questions):
     if not q['profile']:
@@ -226,62 +223,3 @@ def _fit(config, loss_fn: Callable, params: dict, data: tuple[np.ndarray, ...],
       logging.info('demo: fitting the tiny base %s (plain and RAG inputs, no persona), step %d, '
                    'loss %.4f', name, i, float(loss))
   return params, loss
-
-
-BASELINES = ('none', 'bm25', 'recency', 'contriever')
-OPTIMIZED = ('ropg-rl', 'ropg-kd', 'rspg-pre', 'rspg-post')
-
-
-def optimized_baselines(config, workdir: str, generator, mesh) -> dict[str, dict]:
-  """ROPG-RL, ROPG-KD, RSPG-Pre and RSPG-Post on dev, trained on the demo's train split.
-
-  Utility feedback for the top `config.ropg.candidates` items, both retrievers, the pool's runs
-  on train, then both selectors; every step resumes (a finished one is reused).
-  """
-  from pplug_jax.baselines import ropg, rspg, runner, utility
-  utility.score(config, workdir, 'train', generator)
-  out = {}
-  for objective in ropg.OBJECTIVES:
-    ropg.train(config, workdir, objective, mesh)
-  for method in ('ropg-rl', 'ropg-kd'):
-    out[method] = runner.run(config, workdir, method, config.rag.k, 'dev', generator, reuse=True)
-  for kind in rspg.KINDS:
-    out[f'rspg-{kind}'] = rspg.run(config, workdir, kind, 'dev', generator, mesh)
-  return out
-
-
-def compare(config, workdir: str, mesh, evaluate: Callable, params: dict,
-            pplug_dev: dict) -> dict[str, Any]:
-  """The demo's Table 1: ablations of the trained plug and the retrieval baselines, printed.
-
-  Every method is evaluated on the same dev split with the same frozen base model; the demo's
-  MiniLM is the dense retriever in Contriever's place.
-  """
-  from pplug_jax import table
-  from pplug_jax.baselines import runner
-  out: dict[str, Any] = {
-      'dev_no_persona': evaluate(None, desc='dev, frozen model without plug'),
-      'dev_plug_persona_zeroed': evaluate(params, persona=False, desc='dev, persona zeroed')}
-  config.rag.retriever_path = config.rag.retriever_path or config.encoder.path
-  generator = runner.BaselineGenerator(config, mesh)  # one compile for every method
-  encoder = TextEncoder(config.rag.retriever_path, config.rag.retriever_pooling, False)
-  out['baselines'] = {m: runner.run(config, workdir, m, config.rag.k, 'dev', generator, encoder)
-                      for m in BASELINES}
-  if config.demo_optimized:
-    out['baselines'].update(optimized_baselines(config, workdir, generator, mesh))
-  with storage.open(os.path.join(lamp.task_dir(config.data.lamp_dir, config.task),
-                         'synthetic_info.json')) as f:
-    out['best_non_personalised_accuracy'] = json.load(f)['best_non_personalised_accuracy']
-  if jax.process_index() == 0:
-    columns = {table._column(os.path.basename(runner.method_dir(workdir, m, config.rag.k))): r
-               for m, r in out['baselines'].items()}
-    columns['PPlug'] = pplug_dev
-    print(f'dev (synthetic {config.task}, {len(columns)} methods, same frozen model):\n' +
-          table.markdown({(lamp.task_spec(config.task).name, config.llm.name): columns}), flush=True)
-    rows = [('PPlug with the persona zeroed', out['dev_plug_persona_zeroed']),
-            ('frozen model, no plug (PPlug input)', out['dev_no_persona'])]
-    print('\n'.join(f'{name:38s} accuracy {m["accuracy"]:.4f}  macro-F1 {m["f1"]:.4f}  NLL '
-                    f'{m["nll"]:.4f}' for name, m in rows))
-    print(f'best possible without the user history (by construction): '
-          f'{out["best_non_personalised_accuracy"]:.4f}', flush=True)
-  return out

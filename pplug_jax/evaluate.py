@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 from absl import flags, logging
-from ml_collections import config_flags
 
 from pplug_jax import storage
 from pplug_jax import (checkpoints, cli, fileio, generation, partitioning, precompute,
@@ -72,8 +71,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Defaults to the config saved in the workdir.',
-                                  lock_config=True)
+  cli.define_config('Defaults to the config saved in the workdir.', required=False)
   flags.DEFINE_string('workdir', None, 'The training workdir.')
   flags.DEFINE_enum('split', 'dev', ['train', 'dev', 'test'], 'Split to generate for.')
   flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')

@@ -21,6 +21,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pplug_jax import tokenizers
+from pplug_jax.baselines.prompts import rag_prompt
+from pplug_jax.baselines.retrieval import check_fields, rank_profile
 from pplug_jax.data import lamp, records
 
 
@@ -51,7 +54,6 @@ def needs_profile_fields(config) -> bool:
 
 def check_profile_fields(config, where: str, questions: Sequence[dict]) -> None:
   """Every profile item has the fields the retrieval prompt reads (else a LampError naming it)."""
-  from pplug_jax.baselines.runner import check_fields
   check_fields(config.task, where, list(questions), config.plug.retrieval)
 
 
@@ -64,13 +66,10 @@ def llm_input(config, example: lamp.Example, llm_tok: Any,
   if raw_profile is None:
     raise ValueError(f'example {example.id}: config.plug.retrieval={config.plug.retrieval!r} '
                      'builds the LaMP prompt from the profile items\' fields; pass them.')
-  from pplug_jax.baselines.prompts import rag_prompt
-  from pplug_jax.baselines.retrieval import rank_profile
   items = rank_profile(config.task, example.input, list(raw_profile), config.plug.retrieval,
                        config.plug.retrieval_k, seed=config.seed)
   budget = config.data.max_input_length
   if config.llm.get('chat_template', False):  # the template's frame comes out of the budget
-    from pplug_jax import tokenizers
     budget = tokenizers.llm_encoding(config, llm_tok).prompt_budget(budget)
   return rag_prompt(config.task, example.input, items, llm_tok, budget)
 

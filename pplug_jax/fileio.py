@@ -9,6 +9,7 @@ import json
 from typing import Any, Iterable
 
 from pplug_jax import storage
+from pplug_jax.errors import WorkdirError
 
 
 def _dumps(obj: Any, indent: int | None) -> bytes:
@@ -27,7 +28,6 @@ def record_or_check(path: str, identity: dict[str, Any], what: str, remedy: str,
   it if any entry changed, naming them, `what` was made and how to proceed (`remedy`).
 
   Every process checks (so all refuse alike); only the one with `write` records."""
-  from pplug_jax.errors import WorkdirError
   if write and storage.is_remote(path) and not storage.exists(path):
     storage.makedirs(storage.dirname(path))
     if storage.create_once(path, _dumps(identity, 1)) is not None:

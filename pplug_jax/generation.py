@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from pplug_jax import decoding, metrics as metrics_lib, tokenizers
+from pplug_jax import decoding, metrics as metrics_lib, partitioning, tokenizers
 from pplug_jax.data import pipeline
 from pplug_jax.models import backbone
 from pplug_jax.system import System
@@ -118,9 +118,9 @@ class SplitGenerator:
       if i >= num_batches:
         break
       tokens, nll, weights = gen(trainable, self.system.llm_params,
-                                 pipeline.to_global(batch, mesh, rules))
-      texts = decode_texts(self.tokenizer, pipeline.to_local(tokens, mesh, rules))
-      weights = pipeline.to_local(weights, mesh, rules)
+                                 partitioning.to_global(batch, mesh, rules))
+      texts = decode_texts(self.tokenizer, partitioning.to_local(tokens, mesh, rules))
+      weights = partitioning.to_local(weights, mesh, rules)
       n_tok = int((batch['target_mask'] * batch['valid'][:, None]).sum())
       nll_sum += float(nll) * n_tok
       nll_n += n_tok

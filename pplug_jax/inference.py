@@ -240,4 +240,4 @@ class PersonaPlugGenerator:
     length = max(len(self.encoding.input_ids(f.llm_input, d.max_input_length)) for f in feats)
     shape = (buckets.pad_size(length, d.max_input_length), 1)
     batch = pipeline.batch_of_records(config, serialized, self.encoder.dim, shape)
-    return pipeline.to_global(batch, self.system.mesh, self.system.rules)
+    return partitioning.to_global(batch, self.system.mesh, self.system.rules)

@@ -9,30 +9,12 @@ import jax
 import numpy as np
 from absl import logging
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pplug_jax.errors import ConfigError
 
-MESH_AXES = ('data', 'model')
-
-# T5X's standard rules: batch over data, the wide dims over model, embed replicated.
-STANDARD_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', 'data'),
-    ('vocab', 'model'),
-    ('mlp', 'model'),
-    ('heads', 'model'),
-    ('joined_kv', 'model'),
-    ('kv', None),
-    ('embed', None),
-    ('length', None),
-    ('relpos_buckets', None),
-    ('abspos', None),
-    ('token_type', None),
-    ('layers', None),
-    ('history', None),
-    ('plug_in', None),
-    ('embed_out', None),
-)
+from pplug_jax.axis_rules import MESH_AXES
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
@@ -156,8 +138,30 @@ def sync(name: str, timeout_s: float = 24 * 3600) -> None:
   from jax._src import distributed  # the client jax.distributed.initialize() made
   client = distributed.global_state.client
   if client is None:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(f'pplug_jax/{_barrier_count}/{name.replace(" ", "_")}',
                          int(timeout_s * 1000))
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules,
+              leading: int = 0) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global jax.Arrays sharded on the batch axis (ids dropped).
+
+  `leading=1`: arrays are [accum, batch, ...] micro-batches (the train step's input).
+  """
+  out = {}
+  for k, v in batch.items():
+    if v.dtype.kind in 'SUO':
+      continue
+    sharding = batch_sharding(mesh, rules, v.ndim, leading)
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out
+
+
+def to_local(x: jax.Array, mesh: jax.sharding.Mesh, rules) -> np.ndarray:
+  """A batch-sharded global output -> this process's rows, in its local batch order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  spec = batch_sharding(mesh, rules, x.ndim).spec
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))

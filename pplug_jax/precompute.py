@@ -20,10 +20,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 from absl import flags, logging
-from ml_collections import config_flags
 
 from pplug_jax import storage
-from pplug_jax import cli, features, fileio, partitioning, tokenizers
+from pplug_jax import cli, features, fileio, partitioning, system, tokenizers, validation
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
 from pplug_jax.models import hf_weights, numerics
@@ -126,8 +125,7 @@ def _raw_questions(config, split: str) -> dict[str, dict] | None:
   """{id: question dict} when the features need every profile field (PPlug + retrieval)."""
   if not features.needs_profile_fields(config):
     return None
-  from pplug_jax.baselines.runner import raw_questions
-  qfile, questions, _ = raw_questions(config, split)
+  qfile, questions, _ = lamp.raw_questions(config, split)
   features.check_profile_fields(config, qfile, questions)
   return {str(q['id']): q for q in questions}
 
@@ -152,7 +150,6 @@ def check_llm_weights(config, required: bool) -> None:
   names = storage.listdir(path) if storage.isdir(path) else []
   if required or any(n.endswith(('.safetensors', '.bin', '.pt', '.pth')) for n in names):
     hf_weights.SafetensorsDir(path)
-    from pplug_jax import system
     system.llm_family(path)
 
 
@@ -243,7 +240,6 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  from pplug_jax import validation
   with cli.job('precompute', lambda c: validation.check_precompute_inputs(
       c, flags.FLAGS.workdir)) as config:
     check_llm_weights(config, required=False)
@@ -253,7 +249,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'configs/lamp.py[:args]', lock_config=True)
-  flags.DEFINE_string('workdir', '', 'Records go to <workdir>/records unless '
-                      'config.data.records_dir is set.')
+  cli.define_config_and_workdir('Records go to <workdir>/records unless config.data.records_dir '
+                                'is set.', workdir_required=False)
   cli.run(main)

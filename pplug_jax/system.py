@@ -13,7 +13,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from pplug_jax import storage
-from pplug_jax import partitioning
+from pplug_jax import partitioning, tokenizers
+from pplug_jax.data import pipeline
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert as bert_lib
 from pplug_jax.models import backbone, hf_weights, known_configs, plug as plug_lib
@@ -109,7 +110,6 @@ def vocab_limit(config) -> int:
   FlanT5, whose checkpoint has 32128 rows)."""
   if config.llm.vocab_limit != -1:
     return int(config.llm.vocab_limit)
-  from pplug_jax import tokenizers
   return len(tokenizers.llm_tokenizer(config)) + 2
 
 
@@ -281,7 +281,6 @@ def compile_train_step(system: System, tx: optax.GradientTransformation, abstrac
   maxima. `system.llm_params` may be abstract (ShapeDtypeStructs with shardings), which is how
   `pplug_jax.aot` plans for TPUs it lacks.
   """
-  from pplug_jax.data import pipeline
   mesh, rules = system.mesh, system.rules
   micro, accum = config.optim.batch_size, config.optim.grad_accum
   state_sharding = partitioning.replicated_like(abstract_state, mesh)

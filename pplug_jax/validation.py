@@ -11,11 +11,12 @@ import os
 from typing import Any
 
 import jax
+import tensorflow as tf
 
 from pplug_jax import storage
-from pplug_jax import partitioning
+from pplug_jax import axis_rules, partitioning
 from pplug_jax.baselines.retrieval import METHODS as RETRIEVAL_METHODS
-from pplug_jax.data import buckets, lamp, records
+from pplug_jax.data import buckets, lamp, pipeline, records
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert, numerics, plug as plug_lib, t5
 
@@ -149,7 +150,7 @@ def _problems_with_devices(c, num_devices: int, process_count: int) -> list[str]
     shape = partitioning.resolve_mesh_shape(c.mesh_shape, num_devices)
   except ConfigError as e:
     return [str(e)]
-  data = shape[partitioning.MESH_AXES.index('data')]
+  data = shape[axis_rules.MESH_AXES.index('data')]
   p = []
   if process_count > 1 and data % process_count:
     p.append(f'config.mesh_shape={tuple(c.mesh_shape)}: its data axis ({data} on {num_devices} '
@@ -251,8 +252,6 @@ def check_splits(config, records_dir: str, need: tuple[str, ...] = ('train', 'de
 
 def _problems_with_dates(config, records_dir: str, have_records: bool) -> list[str]:
   """Time-aware pooling needs dated profile items: none at all in train is refused."""
-  import tensorflow as tf
-  from pplug_jax.data import pipeline
   parsed = lambda dates: bool(dates) and bool(pipeline.date_days(
       tf.constant(dates, tf.string))[1].numpy().any())
   if config.data.lamp_dir:

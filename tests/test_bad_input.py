@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from configs import lamp as lamp_config
-from pplug_jax import checkpoints, cli, precompute, tokenizers, train, validation
+from pplug_jax import checkpoints, cli, precompute, tokenizers, training, validation
 from pplug_jax.data import lamp, pipeline, records, synthetic
 from pplug_jax.errors import ConfigError, RecordsError, UserError, WorkdirError
 from pplug_jax.models import hf_weights
@@ -200,7 +200,7 @@ def test_train_refuses_records_made_from_other_input_files(small, tmp_path):
     json.dump(data, f)
   before = _tree_hashes(tmp_path / 'records')
   with pytest.raises(RecordsError) as err:
-    train.prepare_records(config, str(tmp_path), config.data.records_dir)
+    training.prepare_records(config, str(tmp_path), config.data.records_dir)
   assert 'train records were made from other input files' in str(err.value)
   assert 'rebuild_records' in str(err.value)
   assert _tree_hashes(tmp_path / 'records') == before  # nothing touched
@@ -212,10 +212,10 @@ def test_train_refuses_records_made_with_other_settings_then_rebuilds_on_request
   config.data.max_input_length = 100
   before = _tree_hashes(tmp_path / 'records')
   with pytest.raises(RecordsError, match='max_input_length: 128 -> 100'):
-    train.prepare_records(config, str(tmp_path), config.data.records_dir)
+    training.prepare_records(config, str(tmp_path), config.data.records_dir)
   assert _tree_hashes(tmp_path / 'records') == before
   config.data.rebuild_records = True
-  meta = train.prepare_records(config, str(tmp_path), config.data.records_dir)
+  meta = training.prepare_records(config, str(tmp_path), config.data.records_dir)
   assert meta['fingerprint']['max_input_length'] == 100
   assert precompute.verify_records(config, config.data.records_dir)  # now they match
 

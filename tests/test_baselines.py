@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from pplug_jax.baselines import query_and_corpus, rag_prompt, rank_profile, runner
+from pplug_jax.baselines import query_and_corpus, rag_prompt, rank_profile, retrieval, runner
 from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError
 
@@ -191,12 +191,12 @@ def test_runner_refuses_bad_methods_k_and_missing_fields(tmp_path):
                 'profile': [{'id': 'p1', 'description': 'd', 'date': '2020-01-01'}]}]
   with pytest.raises(lamp.LampError, match=r"f.json: example id u1, profile item p1: missing "
                                            r"field\(s\) \['tag'\]"):
-    runner.check_fields('LaMP_2', 'f.json', questions, 'bm25')
+    retrieval.check_fields('LaMP_2', 'f.json', questions, 'bm25')
   questions[0]['profile'][0].update(tag='t')
   del questions[0]['profile'][0]['date']
-  runner.check_fields('LaMP_2', 'f.json', questions, 'bm25')
+  retrieval.check_fields('LaMP_2', 'f.json', questions, 'bm25')
   with pytest.raises(lamp.LampError, match=r"\['date'\]"):
-    runner.check_fields('LaMP_2', 'f.json', questions, 'recency')
+    retrieval.check_fields('LaMP_2', 'f.json', questions, 'recency')
 
 
 # ------------------------------------------------------------------ PPlug + retrieval

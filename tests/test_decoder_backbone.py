@@ -220,7 +220,7 @@ def test_the_table1_baselines_run_on_a_decoder_with_its_tokenizer(tiny_llama, la
   scores = utility.score(config, work, 'dev', generator)
   with open(scores) as f:
     line = next(json.loads(x) for x in f if json.loads(x)['candidates'])
-  q = next(q for q in runner.raw_questions(config, 'dev')[1] if q['id'] == line['id'])
+  q = next(q for q in lamp.raw_questions(config, 'dev')[1] if q['id'] == line['id'])
   from pplug_jax.baselines.prompts import rag_prompt
   for i, text in zip(line['candidates'], line['outputs']):
     prompt = rag_prompt('LaMP_2', q['input'], [q['profile'][i]], tok, 256)

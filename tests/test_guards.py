@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from configs import lamp as lamp_config
-from pplug_jax import checkpoints, export, precompute, train
-from pplug_jax.baselines import runner, utility
+from pplug_jax import checkpoints, export, precompute, training
+from pplug_jax.baselines import utility
 from pplug_jax.data import lamp, records, synthetic
 from pplug_jax.errors import UserError, WorkdirError
 from pplug_jax.workdir_lock import WorkdirLock, records_lock
@@ -224,7 +224,7 @@ def test_rebuild_records_refuses_to_resume_on_new_records(small_records, tmp_pat
   os.makedirs(workdir / 'checkpoints' / '10')
   before = _records(config.data.records_dir)
   with pytest.raises(WorkdirError) as err:
-    train.prepare_records(config, str(workdir), config.data.records_dir)
+    training.prepare_records(config, str(workdir), config.data.records_dir)
   assert 'config.data.rebuild_records=True' in str(err.value)
   assert 'holds checkpoints trained on the records being replaced' in str(err.value)
   assert 'max_input_length: 128 -> 100' in str(err.value)
@@ -235,12 +235,12 @@ def test_rebuild_records_never_deletes_the_records_of_another_run(small_records,
   config = _copied(small_records, tmp_path)
   first = tmp_path / 'first'
   os.makedirs(first)
-  train.prepare_records(config, str(first), config.data.records_dir)  # trains on these
+  training.prepare_records(config, str(first), config.data.records_dir)  # trains on these
   before = _records(config.data.records_dir)
   changed = _records_config(config.data.lamp_dir, config.data.records_dir, config.encoder.path,
                             max_input_length=100, rebuild_records=True)
   with pytest.raises(WorkdirError) as err:
-    train.prepare_records(changed, str(tmp_path / 'second'), config.data.records_dir)
+    training.prepare_records(changed, str(tmp_path / 'second'), config.data.records_dir)
   assert f'the run in {first} trains and evaluates on' in str(err.value)
   assert 'Set a new config.data.records_dir' in str(err.value)
   assert _records(config.data.records_dir) == before
@@ -323,7 +323,7 @@ def test_utility_scores_never_append_a_query_that_is_already_there(small_lamp, t
   monkeypatch.setattr(utility, 'candidates', racing_candidates)
   utility.score(config, workdir, 'train', _FixedGenerator())
   ids = [json.loads(line)['id'] for line in open(out_file)]
-  _, questions, _ = runner.raw_questions(config, 'train')
+  _, questions, _ = lamp.raw_questions(config, 'train')
   assert len(ids) == len(set(ids)) == len(questions), ids  # each once: none twice, none lost
   assert set(ids) == {q['id'] for q in questions}
 

@@ -22,6 +22,7 @@ from configs import lamp as lamp_config
 from conftest import ROOT
 from pplug_jax import metrics
 from pplug_jax.baselines import ropg, rspg, trainer, utility
+from pplug_jax.data import lamp
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
@@ -272,7 +273,7 @@ def test_rspg_picks_one_pool_output_per_query_writes_lamp_files_and_resumes(tmp_
     preds = json.load(open(os.path.join(out, 'predictions_dev.json')))
     pool = {m: runner.load_run(workdir, m, config.rag.k, 'dev')['predictions']
             for m in config.rspg.retrievers}
-    _, questions, examples = runner.raw_questions(config, 'dev')
+    _, questions, examples = lamp.raw_questions(config, 'dev')
     assert [p['id'] for p in preds['golds']] == [q['id'] for q in questions]
     for p in preds['golds']:
       assert p['output'] == pool[p['retriever']][p['id']]

@@ -159,11 +159,11 @@ def test_config_typos_are_errors():
 
 
 def test_missing_weights_fail_fast_naming_the_key(tmp_path):
-  from pplug_jax import train
+  from pplug_jax import training
   from pplug_jax.errors import ConfigError
   config = lamp_config.get_config('task=4,size=xxl')
   with pytest.raises(ConfigError) as e:
-    train.check_inputs(config, str(tmp_path))
+    training.check_inputs(config, str(tmp_path))
   for key in ('config.llm.path', 'config.encoder.path', 'config.data.lamp_dir',
               'google/flan-t5-xxl'):
     assert key in str(e.value)
@@ -217,8 +217,8 @@ def test_finetune_mode_trains_the_input_encoder_too(tiny_t5, tiny_bert):
 
 
 def test_non_finite_loss_stops_with_a_clear_message():
-  from pplug_jax import train
-  train._check_finite(1.5, 3)
+  from pplug_jax import training
+  training._check_finite(1.5, 3)
   for bad in (float('nan'), float('inf')):
     with pytest.raises(SystemExit, match='loss is (nan|inf) at step 7'):
-      train._check_finite(bad, 7)
+      training._check_finite(bad, 7)

@@ -126,3 +126,14 @@ def rank_profile(task: Any, question_input: str, profile: Sequence[dict], method
   scores = encoder.encode(corpus) @ encoder.encode([query])[0]
   order = np.argsort(-scores, kind='stable')[:k]
   return [profile[i] for i in order]
+
+def check_fields(task: str, qfile: str, questions: list[dict], method: str) -> None:
+  """Every profile item has the fields the task's prompt (and the ranker) reads."""
+  dated = method in ('recency',) + ROPG_METHODS
+  need = REQUIRED_FIELDS[lamp.task_spec(task).name] + (('date',) if dated else ())
+  for q in questions:
+    for item in q['profile']:
+      missing = [f for f in need if item.get(f) is None]
+      if missing:
+        raise lamp.LampError(f'{qfile}: example id {q["id"]}, profile item {item.get("id")}: '
+                             f'missing field(s) {missing}, which the {method} baseline needs.')

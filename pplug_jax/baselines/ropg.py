@@ -35,6 +35,7 @@ from pplug_jax import storage
 from pplug_jax import cli, fileio, partitioning, tokenizers
 from pplug_jax.baselines import runner, trainer, utility
 from pplug_jax.baselines.retrieval import ropg_query_and_corpus
+from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert, hf_weights
 from pplug_jax.validation import KD_FORMS
@@ -80,7 +81,7 @@ def retriever_scores(model: bert.Bert, params: Any, batch: dict[str, jax.Array],
 
 def training_data(config, workdir: str, tokenizer: Any) -> tuple[dict[str, np.ndarray], int]:
   """Token arrays of every scored train query with candidates; and how many had none."""
-  qfile, questions, _ = runner.raw_questions(config, 'train')
+  qfile, questions, _ = lamp.raw_questions(config, 'train')
   scored = {d['id']: d for d in utility.read_done(utility.paths(workdir, 'train')[0])}
   missing = [q['id'] for q in questions if q['id'] not in scored]
   if missing:

@@ -149,7 +149,7 @@ def run(config, workdir: str, kind: str, split: str = 'dev', generator=None,
   head = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 4), jnp.int32),
                     jnp.ones((1, 4), jnp.int32))['params']['head']
   params = {'bert': bert_params, 'head': head}
-  _, train_q, train_ex = runner.raw_questions(config, 'train')
+  _, train_q, train_ex = lamp.raw_questions(config, 'train')
   data = selection_data(config, kind, train_runs, train_q, {e.id: e.output for e in train_ex},
                         tokenizer)
   temperature, form = float(config.rspg.temperature), config.rspg.loss_form
@@ -176,7 +176,7 @@ def predict(config, workdir: str, kind: str, split: str, model: Selector, params
             train_info: dict) -> dict[str, Any]:
   """Picks a retriever per query; writes predictions (and metrics) to baselines/rspg-<kind>_k<k>."""
   spec = lamp.task_spec(config.task)
-  _, questions, examples = runner.raw_questions(config, split)
+  _, questions, examples = lamp.raw_questions(config, split)
   golds = {e.id: e.output for e in examples} if split != 'test' else None
   data = selection_data(config, kind, runs, questions, None, tokenizer)
   rules = tuple(config.logical_axis_rules)

@@ -10,7 +10,6 @@ formats as `evaluate`, to `<workdir>/baselines/<method>_k<k>/`, with the prompts
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -24,11 +23,13 @@ from pplug_jax import storage
 from pplug_jax import fileio, generation, metrics as metrics_lib, partitioning, tokenizers
 from pplug_jax import system as system_lib
 from pplug_jax.baselines.prompts import rag_prompt
-from pplug_jax.baselines.retrieval import (DENSE_METHODS, METHODS, REQUIRED_FIELDS, ROPG_METHODS,
+from pplug_jax.baselines.retrieval import (DENSE_METHODS, METHODS, ROPG_METHODS, check_fields,
                                            rank_profile)
 from pplug_jax.data import lamp
+from pplug_jax.data.lamp import raw_questions
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import backbone, numerics
+from pplug_jax.models.text_encoder import TextEncoder
 
 NO_RETRIEVAL = 'none'
 
@@ -37,16 +38,6 @@ def method_dir(workdir: str, method: str, k: int) -> str:
   """Where a baseline's files go: <workdir>/baselines/none or <method>_k<k>."""
   name = NO_RETRIEVAL if method == NO_RETRIEVAL else f'{method}_k{k}'
   return os.path.join(workdir, 'baselines', name)
-
-
-def raw_questions(config, split: str) -> tuple[str, list[dict], list[lamp.Example]]:
-  """(questions file, its entries as dicts, the validated examples): the prompts need every
-  profile field, which the parsed examples do not keep."""
-  root = lamp.task_dir(config.data.lamp_dir, config.task, config.split_type)
-  qfile, _ = lamp.split_files(root, split)
-  examples = lamp.load_split(config.data.lamp_dir, config.task, split, config.split_type)
-  with storage.open(qfile, encoding='utf-8') as f:
-    return qfile, json.load(f), examples
 
 
 def ropg_retriever_dir(workdir: str, method: str) -> str:
@@ -61,7 +52,6 @@ def retriever_dtype(config) -> str:
 
 def dense_encoder(config, workdir: str, method: str) -> Any:
   """The TextEncoder a dense method ranks with: Contriever, or a trained ROPG retriever."""
-  from pplug_jax.models.text_encoder import TextEncoder
   if method in ROPG_METHODS:
     return TextEncoder(ropg_retriever(workdir, method), config.rag.retriever_pooling, False,
                        retriever_dtype(config))
@@ -113,18 +103,6 @@ def llm_settings(config) -> dict[str, Any]:
           'llm_dtype': config.llm.dtype, 'rag_max_length': config.rag.max_length,
           'generation': {k: config.eval[k] for k in ('num_beams', 'length_penalty',
                                                        'early_stopping', 'max_new_tokens')}}
-
-
-def check_fields(task: str, qfile: str, questions: list[dict], method: str) -> None:
-  """Every profile item has the fields the task's prompt (and the ranker) reads."""
-  dated = method in ('recency',) + ROPG_METHODS
-  need = REQUIRED_FIELDS[lamp.task_spec(task).name] + (('date',) if dated else ())
-  for q in questions:
-    for item in q['profile']:
-      missing = [f for f in need if item.get(f) is None]
-      if missing:
-        raise lamp.LampError(f'{qfile}: example id {q["id"]}, profile item {item.get("id")}: '
-                             f'missing field(s) {missing}, which the {method} baseline needs.')
 
 
 def build_prompts(config, questions: list[dict], method: str, k: int,

@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 
 from pplug_jax import storage
 from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning
-from pplug_jax.baselines import runner
+from pplug_jax.baselines import retrieval, runner
 from pplug_jax.baselines.prompts import rag_prompt
 from pplug_jax.baselines.retrieval import rank_profile
+from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError
 from pplug_jax.validation import INITIAL_RANKERS
 
@@ -103,8 +104,8 @@ def score(config, workdir: str, split: str = 'train',
                       f'{INITIAL_RANKERS}.')
   if config.ropg.candidates < 1:
     raise ConfigError(f'config.ropg.candidates={config.ropg.candidates}: score at least 1 item.')
-  qfile, questions, examples = runner.raw_questions(config, split)
-  runner.check_fields(config.task, qfile, questions, 'recency')  # ROPG's corpus has the date
+  qfile, questions, examples = lamp.raw_questions(config, split)
+  retrieval.check_fields(config.task, qfile, questions, 'recency')  # ROPG's corpus has the date
   out_file, meta_file = paths(workdir, split)
   fileio.record_or_check(meta_file, settings(config, split, qfile), 'these utility scores',
                          'Delete it and the .jsonl beside it to score again, or use another '

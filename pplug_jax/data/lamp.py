@@ -260,3 +260,12 @@ def write_split(root: str, split: str, task: str, examples: Sequence[dict],
     golds = [{'id': k, 'output': v} for k, v in outputs.items()]
     with storage.open(os.path.join(root, f'{split}_outputs.json'), 'w', encoding='utf-8') as f:
       json.dump({'task': task_spec(task).name, 'golds': golds}, f, ensure_ascii=False)
+
+def raw_questions(config, split: str) -> tuple[str, list[dict], list[Example]]:
+  """(questions file, its entries as dicts, the validated examples): the prompts need every
+  profile field, which the parsed examples do not keep."""
+  root = task_dir(config.data.lamp_dir, config.task, config.split_type)
+  qfile, _ = split_files(root, split)
+  examples = load_split(config.data.lamp_dir, config.task, split, config.split_type)
+  with storage.open(qfile, encoding='utf-8') as f:
+    return qfile, json.load(f), examples

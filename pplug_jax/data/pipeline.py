@@ -420,29 +420,3 @@ def batch_of_records(config, serialized: list[bytes], dim: int,
   ds = tf.data.Dataset.from_tensor_slices(tf.constant(serialized, tf.string)).map(parse).map(
       lambda ex: pad_example(ex, config, with_item_ids=True, shape=shape))
   return next(ds.batch(len(serialized)).as_numpy_iterator())
-
-
-def to_global(batch: Batch, mesh: jax.sharding.Mesh, rules,
-              leading: int = 0) -> dict[str, jax.Array]:
-  """Process-local numpy batch -> global jax.Arrays sharded on the batch axis (ids dropped).
-
-  `leading=1`: arrays are [accum, batch, ...] micro-batches (the train step's input).
-  """
-  from pplug_jax import partitioning
-  out = {}
-  for k, v in batch.items():
-    if v.dtype.kind in 'SUO':
-      continue
-    sharding = partitioning.batch_sharding(mesh, rules, v.ndim, leading)
-    out[k] = jax.make_array_from_process_local_data(sharding, v)
-  return out
-
-
-def to_local(x: jax.Array, mesh: jax.sharding.Mesh, rules) -> np.ndarray:
-  """A batch-sharded global output -> this process's rows, in its local batch order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  from pplug_jax import partitioning
-  spec = partitioning.batch_sharding(mesh, rules, x.ndim).spec
-  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))

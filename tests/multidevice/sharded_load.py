@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pplug_jax import partitioning
+from pplug_jax import axis_rules, partitioning
 from pplug_jax.models import hf_weights, t5
 
 
 def main(path: str) -> None:
   assert jax.device_count() == 8, jax.device_count()
   mesh = partitioning.make_mesh((2, 4))
-  rules = partitioning.STANDARD_RULES
+  rules = axis_rules.STANDARD_RULES
   config, params = hf_weights.load_t5(
       path, shardings=lambda boxed: partitioning.logical_shardings(boxed, mesh, rules))
   _, ref_params = hf_weights.load_t5(path)

@@ -1,0 +1,369 @@
+"""The training job: the persona plug trained on a frozen, sharded backbone, evaluated on dev.
+
+Run by `python -m pplug_jax.train` (the entry) and by `pplug_jax.ablate` per variant. Resumes
+from the latest checkpoint in DIR/checkpoints; the best one by the task's main dev metric is
+kept in DIR/best.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import tensorflow as tf
+from absl import logging
+from tqdm.auto import tqdm
+
+from pplug_jax import (checkpoints, demo, fileio, flops as flops_lib, generation, partitioning,
+                       precompute, storage, system as system_lib, validation)
+from pplug_jax.scalars import ScalarWriter
+from pplug_jax.data import lamp, pipeline, records
+from pplug_jax.errors import ConfigError, RecordsError, WorkdirError
+from pplug_jax.models import plug as plug_lib
+from pplug_jax.workdir_lock import WorkdirLock, records_lock
+
+
+def check_inputs(config, workdir: str) -> str:
+  """Fails fast, naming the config key to set, when weights or data are missing."""
+  storage.check_config_buckets(config)
+  records_path = records.records_dir(config, workdir)
+  have_records = storage.exists(os.path.join(records_path, records.METADATA))
+  problems = []
+  files = 'config.json, model.safetensors and the tokenizer files'
+  if not config.llm.path or not storage.isdir(config.llm.path):
+    problems.append(f'config.llm.path={config.llm.path!r}: download {config.llm.name} as a '
+                    f'Hugging Face directory ({files}) and set it.')
+  if not have_records or config.encoder.mode == 'finetune':
+    if not config.encoder.path or not storage.isdir(config.encoder.path):
+      problems.append(f'config.encoder.path={config.encoder.path!r}: download '
+                      f'{config.encoder.name} ({files}) and set it.')
+  if not have_records and not (config.data.lamp_dir and storage.isdir(config.data.lamp_dir)):
+    problems.append(f'config.data.lamp_dir={config.data.lamp_dir!r}: download LaMP '
+                    f'({config.task}) and set it, or set config.data.records_dir to records '
+                    'made by pplug_jax.precompute.')
+  if problems:
+    raise ConfigError('cannot start training:\n  ' + '\n  '.join(problems) +
+                      '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo')
+  return records_path
+
+
+def _records_complete(records_path: str) -> bool:
+  if not storage.exists(os.path.join(records_path, records.METADATA)):
+    return False
+  meta = records.read_metadata(records_path)
+  return bool(meta.get('splits')) and all(
+      len(records.split_shards(records_path, s)) == len(info['shard_counts'])
+      for s, info in meta['splits'].items())
+
+
+USERS_FILE = 'used_by.json'  # in a records folder: the workdirs that train on these records
+
+
+def _users(records_path: str) -> list[str]:
+  path = os.path.join(records_path, USERS_FILE)
+  return list(fileio.read_json(path)) if storage.exists(path) else []
+
+
+def _register_user(records_path: str, workdir: str) -> None:
+  """Notes that `workdir` trains on these records, so no other run's rebuild deletes them."""
+  users = _users(records_path)
+  if storage.abspath(workdir) not in users:
+    fileio.write_json(os.path.join(records_path, USERS_FILE),
+                      users + [storage.abspath(workdir)])
+
+
+def _rebuild(config, workdir: str, records_path: str, why: RecordsError) -> None:
+  """Deletes records made from other inputs (config.data.rebuild_records), unless this
+  workdir's checkpoints were trained on them or another run's workdir uses them."""
+  if checkpoints.has_checkpoint(workdir):
+    raise WorkdirError(f'config.data.rebuild_records=True: {workdir} holds checkpoints trained '
+                       f'on the records being replaced ({why}). Resuming them on new records '
+                       'would mix two runs: train in a new --workdir.') from None
+  with records_lock(records_path, workdir):
+    others = [w for w in _users(records_path)
+              if w != storage.abspath(workdir) and storage.isdir(w)]
+    if others:
+      raise WorkdirError(f'config.data.rebuild_records=True: {records_path} holds the records '
+                         f'the run in {others[0]} trains and evaluates on; rebuilding them would '
+                         'change its data. Set a new config.data.records_dir for this run.')
+    logging.warning('%s: records made from other inputs; deleting %d files to rebuild them '
+                    '(config.data.rebuild_records).', records_path,
+                    precompute.delete_records(records_path))
+    fileio.write_json(os.path.join(records_path, USERS_FILE), [])
+
+
+def prepare_records(config, workdir: str, records_path: str) -> dict[str, Any]:
+  """Records made from exactly these inputs and settings: verified, rebuilt or made; metadata."""
+  try:
+    precompute.verify_records(config, records_path)
+  except RecordsError as e:
+    if not config.data.rebuild_records:
+      raise
+    if partitioning.is_main_process():
+      _rebuild(config, workdir, records_path, e)
+  partitioning.sync('records checked')  # every process decides on the same files
+  if not _records_complete(records_path):
+    precompute.check_llm_weights(config, required=True)  # before the long encoding
+    logging.info('Precomputing encoder embeddings into %s', records_path)
+    precompute.run(config, workdir)  # each process encodes its own shards
+  if partitioning.is_main_process():
+    _register_user(records_path, workdir)
+  return records.read_metadata(records_path)
+
+
+# (config, workdir, mesh, evaluate(params, persona=..., desc=...), trained params, dev metrics)
+# -> entries added to the result: an experiment on the trained plug, such as the demo's Table 1
+AfterTraining = Callable[[Any, str, Any, Callable, dict, dict], dict]
+
+
+def train_and_evaluate(config, workdir: str,
+                       after_training: AfterTraining | None = None) -> dict[str, Any]:
+  """Trains, evaluates on dev and returns the final metrics, with what `after_training` adds."""
+  partitioning.maybe_initialize_distributed()
+  tf.config.set_visible_devices([], 'GPU')
+  validation.check_config(config)
+  storage.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir, 'train') if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train_and_evaluate(config, workdir, after_training)
+
+
+def _train_and_evaluate(config, workdir: str,
+                        after_training: AfterTraining | None) -> dict[str, Any]:
+  # ---------------------------------------------------------------- set-up
+  if config.demo:
+    demo.prepare(config, workdir)
+  records_path = check_inputs(config, workdir)
+  validation.check_splits(config, records_path)
+  config.data.num_streams = pipeline.num_streams(config)  # recorded: it fixes the data order
+  checkpoints.check_resume_config(workdir, config)
+  partitioning.sync('config checked')  # every process has read the old config.json
+  if partitioning.is_main_process():
+    checkpoints.save_config(workdir, config)
+  meta = prepare_records(config, workdir, records_path)
+  task_spec = lamp.task_spec(config.task)
+  mesh = partitioning.make_mesh(config.mesh_shape)
+  logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # ---------------------------------------------------------------- model
+  system = system_lib.load_system(config, meta['fingerprint']['dim'], mesh)
+  logging.info('Backbone %s: %d frozen params; persona scale %.3f, instruction scale %.3f',
+               config.llm.name, plug_lib.count_params(system.llm_params),
+               system.plug.persona_scale, system.plug.instruction_scale)
+
+  # ---------------------------------------------------------------- steps and optimizer
+  micro, accum = config.optim.batch_size, config.optim.grad_accum
+  per_step = micro * accum
+  n_train = pipeline.num_train_examples(config, records_path)
+  total_steps = config.optim.max_steps if config.optim.max_steps > 0 else \
+      (n_train * config.optim.epochs) // per_step
+  if total_steps <= 0:
+    raise ConfigError(f'{n_train} training examples x {config.optim.epochs} epochs give no step '
+                      f'of {per_step} examples; lower config.optim.batch_size or '
+                      'config.optim.grad_accum.')
+  tx, schedule = system_lib.build_optimizer(config, total_steps)
+
+  # ---------------------------------------------------------------- state: init or resume
+  init_state = system_lib.init_state_fn(system, tx, config.seed)
+  abstract = jax.eval_shape(init_state)
+  plan = pipeline.train_buckets(config, records_path, config.data.num_streams)
+  steps_by_shape = {}  # every bucket's step compiled up front: no compile after the start
+  for shape, share in zip(plan[0].shapes, plan[1]):
+    compiled, state_sharding, _ = system_lib.compile_train_step(
+        system, tx, abstract, config, shape)
+    steps_by_shape[shape] = compiled
+    mem = system_lib.memory_summary(compiled)
+    logging.info('Train step for input x target length %d x %d (%.1f%% of the steps) compiled; '
+                 'memory per device (AOT): arguments %.1f MiB, outputs %.1f MiB, temporaries '
+                 '%.1f MiB, generated code %.1f MiB', *shape, 100 * share,
+                 *(mem.get(k, 0.0) * 1024 for k in ('arguments', 'outputs', 'temporaries',
+                                                     'code')))
+  # model FLOPs of each bucket's step (analytic, as MFU counts them) and the devices' peak
+  step_flops = {shape: flops_lib.train_step_flops(system, config, shape)
+                for shape in steps_by_shape}
+  peak, peak_source = flops_lib.peak_flops_per_device()
+  logging.info('MFU is against %s per device (%s)',
+               f'{peak / 1e12:.2f} TFLOP/s' if peak else 'no peak', peak_source)
+  manager, best = checkpoints.managers(workdir, config.train.keep_checkpoints)
+  saves = checkpoints.SaveWatch(manager, best)
+  latest = manager.latest_step()
+  if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
+    restored = manager.restore(latest, args=checkpoints.restore_args(target))
+    state = restored['state']
+    logging.info('Resumed from %s at step %d', manager.directory, latest)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+  # One global batch per step, so the data position is the step: a resume skips that many.
+  start_step = int(state['step'])
+
+  # ---------------------------------------------------------------- evaluation
+  generator = generation.SplitGenerator(system, config)  # compiled once, reused by every eval
+
+  def evaluate(trainable, persona=True, desc='dev'):
+    out = generator.generate_split(trainable, records_path, 'dev', config.train.eval_batch_size,
+                                   persona=persona, max_batches=config.train.max_eval_batches,
+                                   desc=desc)
+    return generation.score(task_spec.name, out)
+
+  def score_of(m):  # larger is better, for the best checkpoint
+    return m[task_spec.main_metric] if task_spec.metric_mode == 'max' else -m[task_spec.main_metric]
+
+  # ---------------------------------------------------------------- train loop
+  main_process = partitioning.is_main_process()
+  writer = ScalarWriter(os.path.join(workdir, 'tensorboard'), enabled=main_process)
+  local_batch = per_step // jax.process_count()
+  batches = pipeline.train_batches(config, records_path, local_batch, skip_batches=start_step,
+                                   accum=accum, plan=plan)
+  logging.info('Training %d steps (%d examples per epoch incl. augmentation, %d per step) from '
+               'step %d', total_steps, n_train, per_step, start_step)
+  bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step', mininterval=5,
+             disable=not main_process)
+  t0, seen, pending, last_eval = time.time(), 0, None, {}
+  done_flops, tokens, paused = 0.0, 0, 0.0
+  profiler = _Profiler(config.train.profile_steps, os.path.join(workdir, 'profile'))
+  profiler.check_reachable(start_step, total_steps)
+  step = start_step
+  try:
+    while step < total_steps:
+      profiler.before(step)
+      try:
+        batch = next(batches)
+      except StopIteration:  # the data repeats endlessly, so only empty shards can end it
+        raise RecordsError(f'{records_path}: process {jax.process_index()} has no training '
+                           'examples in its shard files; make the records with more examples than '
+                           'config.data.num_shards.') from None
+      micro_batches = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}
+      global_batch = partitioning.to_global(micro_batches, mesh, system.rules, leading=1)
+      shape = (batch['input_ids'].shape[-1], batch['target_ids'].shape[-1])
+      state, metrics = steps_by_shape[shape](state, system.llm_params, global_batch)
+      if pending is not None:  # check the previous step's loss without stalling this one
+        _check_finite(*pending)
+      saves.check(step)  # a failed save stops the run here, not an interval later
+      step += 1
+      seen += per_step
+      done_flops += step_flops[shape]
+      # real (unpadded) input and target tokens of this process's batch; over several processes
+    # an estimate (x processes: their batches are alike in size, not in padding)
+      tokens += int(batch['input_mask'].sum() + batch['target_mask'].sum()) * jax.process_count()
+      profiler.after(step, state)
+      pending = (metrics['loss'], step)
+      bar.update(1)
+      if _is_due(step, config.train.log_every, total_steps):
+        loss = float(metrics['loss'])
+        _check_finite(loss, step)
+        elapsed = time.time() - t0 - paused  # training alone: evaluations and saves left out
+        rate = seen / elapsed
+        eta = (total_steps - step) * per_step / max(rate, 1e-9)
+        lr = float(schedule(step))
+        tflops = done_flops / elapsed / jax.device_count() / 1e12  # model TFLOP/s per device
+        mfu = f' MFU {100 * tflops * 1e12 / peak:.1f}%' if peak else ''
+        logging.info('step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f examples/s %.0f tokens/s '
+                     '%.3f TFLOP/s/device%s ETA %.0fs', step, total_steps, loss, lr,
+                     float(metrics['grad_norm']), rate, tokens / elapsed, tflops, mfu, eta)
+        writer.add_scalar('train/loss', loss, step)
+        writer.add_scalar('train/lr', lr, step)
+        writer.add_scalar('train/examples_per_second', rate, step)
+        writer.add_scalar('train/tokens_per_second', tokens / elapsed, step)
+        writer.add_scalar('train/model_tflops_per_device', tflops, step)
+        if peak:
+          writer.add_scalar('train/mfu', tflops * 1e12 / peak, step)
+      if _is_due(step, config.train.eval_every, total_steps):
+        began = time.time()
+        last_eval = evaluate(state['params'])
+        logging.info('step %d dev: %s', step, _fmt(last_eval))
+        for k, v in last_eval.items():
+          writer.add_scalar(f'dev/{k}', v, step)
+        writer.flush()
+        saves.save(best, step,
+                   args=checkpoints.save_args(state, {'step': step, 'dev': last_eval}),
+                   metrics={'score': float(score_of(last_eval))})
+        paused += time.time() - began
+      if _is_due(step, config.train.checkpoint_every, total_steps):
+        began = time.time()
+        writer.flush()  # the scalars up to a checkpoint outlive a kill
+        saves.save(manager, step,
+                   args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
+        paused += time.time() - began
+    profiler.close(state)  # the traced steps' device work ends inside the trace
+  finally:
+    profiler.close(None)  # a trace begun is ended, even when a step fails
+    bar.close()  # and an error is printed below the bar, not inside it
+    # tf.data's readers end now, not at interpreter exit (where TF prints a warning below
+    # the error line)
+    batches.close()
+    writer.close()  # the scalars so far are kept, whatever ended the loop
+  if pending is not None:
+    _check_finite(*pending)
+  train_seconds = time.time() - t0 - paused  # this run's steps, evaluations and saves left out
+  saves.wait(step)
+
+  result = {'step': step, 'dev': last_eval or evaluate(state['params'])}
+  if step > start_step:  # the step time of this run (a resumed one: of its own steps)
+    result['train_ms_per_step'] = 1000 * train_seconds / (step - start_step)
+  if config.train.get('eval_persona_zeroed', False):  # the ablation: what the history adds
+    result['dev_persona_zeroed'] = evaluate(state['params'], persona=False,
+                                            desc='dev, persona zeroed')
+  if after_training is not None:
+    result.update(after_training(config, workdir, system.mesh, evaluate, state['params'],
+                                 result['dev']))
+  if main_process:
+    fileio.write_json(os.path.join(workdir, 'train_result.json'), result)
+  return result
+
+
+class _Profiler:
+  """A jax.profiler trace of the steps after `start` up to `stop` (config.train.profile_steps)
+  in `logdir`, for TensorBoard's profile tab or Perfetto; each process writes its own."""
+
+  def __init__(self, steps: tuple[int, ...], logdir: str):
+    self.start, self.stop = tuple(steps) or (-1, -1)
+    self.logdir, self.active = logdir, False
+
+  def before(self, step: int) -> None:
+    if self.start <= step < self.stop and not self.active:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+      logging.info('Profiling steps %d to %d into %s', step + 1, self.stop, self.logdir)
+
+  def check_reachable(self, first_step: int, total_steps: int) -> None:
+    """Says so when no step this run makes falls in the window (resumed past it, or too few)."""
+    if self.stop > 0 and (self.stop <= first_step or self.start >= total_steps):
+      logging.warning('config.train.profile_steps=(%d, %d): this run makes steps %d to %d, so '
+                      'nothing is traced.', self.start, self.stop, first_step + 1, total_steps)
+
+  def after(self, step: int, state: Any) -> None:
+    if self.active and step >= self.stop:
+      self.close(state)
+
+  def close(self, state: Any) -> None:
+    """Ends the trace; with `state`, after the traced steps' device work has finished."""
+    if self.active:
+      if state is not None:
+        jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def _is_due(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action (log, evaluate, checkpoint) runs after `step`: every `every`
+  steps, and always after the last."""
+  return step % every == 0 or step == total
+
+
+def _check_finite(loss, step: int) -> None:
+  value = float(loss)
+  if not math.isfinite(value):
+    raise SystemExit(f'Training stopped: the loss is {value} at step {step}. Lower '
+                     'config.optim.lr, check the data, or use float32 (config.llm.dtype). '
+                     'The last good checkpoint is kept in the workdir.')
+
+
+def _fmt(m: dict) -> str:
+  return ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in m.items())
