@@ -208,8 +208,10 @@ def test_export_then_inference_api_reproduces_the_checkpoint(demo_run, tmp_path)
   gen.add_history('u', items[:2])
   assert gen.add_history('u', items[2:]) == len(items)
   assert gen.generate([e.input], user_ids=['u']) == [from_checkpoint[e.id]]
+  with pytest.raises(KeyError, match='nobody'):
+    gen.generate([e.input], user_ids=['nobody'])
   cold = gen.generate([e.input], user_ids=['nobody'], on_unknown_user='warn')
-  assert isinstance(cold[0], str)
+  assert cold == gen.generate([e.input], histories=[[]])  # served with no history, as promised
 
 
 def test_bad_checkpoint_and_export_directories(tmp_path):

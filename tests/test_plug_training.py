@@ -147,15 +147,12 @@ def test_plug_attention_matches_numpy():
   np.testing.assert_allclose(np.asarray(soft[2, 0]), inst, atol=1e-5)
 
 
-def test_config_typos_are_errors():
-  """The command line's config is locked (lock_config=True): a misspelt key cannot be set.
-  (The command's one-line message for it is checked in test_bad_input.py.)"""
-  config = lamp_config.get_config('demo')
-  config.lock()
-  with pytest.raises(AttributeError, match='lrr'):
-    config.optim.lrr = 0.5
-  with pytest.raises(ValueError, match='unknown args'):
-    lamp_config.get_config('tsk=2')
+def test_a_misspelt_config_argument_is_an_error_listing_the_valid_ones():
+  """configs/lamp.py's own argument parser (misspelt --config.KEY flags are test_bad_input's)."""
+  with pytest.raises(ValueError) as e:
+    lamp_config.get_config('demo,tsk=2')
+  assert str(e.value) == ("configs/lamp.py: unknown args ['tsk']; use demo, task=N, size=small..xxl, "
+                          'llm=NAME, split=user|time, encoder=bge|contriever|minilm, reference.')
 
 
 def test_missing_weights_fail_fast_naming_the_key(tmp_path):

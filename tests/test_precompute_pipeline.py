@@ -12,6 +12,7 @@ import tensorflow as tf
 from configs import lamp as lamp_config
 from pplug_jax import precompute, tokenizers
 from pplug_jax.data import lamp, pipeline, records, synthetic
+from pplug_jax.errors import RecordsError
 from pplug_jax.models import bert, hf_weights
 
 USERS = {'train': 24, 'dev': 11, 'test': 7}
@@ -183,5 +184,8 @@ def test_interrupted_precompute_resumes(tmp_path, prepared, minilm_path):
 def test_refuses_records_of_another_encoder_setting(prepared, minilm_path):
   _, frozen, _ = prepared
   config = _changed(frozen, encoder__pooling='cls')
-  with pytest.raises(ValueError, match='pooling'):
+  # the records' own refusal, naming the one setting that changed (not any error that says
+  # "pooling", such as the encoder's own)
+  with pytest.raises(RecordsError, match=r"these records were made with other settings "
+                     r"\(pooling: 'mean' -> 'cls'\)\. Use a new config\.data\.records_dir"):
     precompute.run(config)

@@ -15,14 +15,34 @@ from pplug_jax.models import hf_weights, t5
 LIMIT = 90  # of the tiny model's 96 rows
 
 
-def test_preset_selects_each_row_and_is_valid():
-  c = lamp_config.get_config('task=2,size=xxl,reference')
-  assert c.plug.persona_scale == 539.9738 and c.llm.vocab_limit == -1
-  assert c.data.history_order == 'file' and c.encoder.mode == 'finetune'
-  assert c.optim.decay_mask == 'hf'
-  validation.check_config(c, num_devices=1, process_count=1)
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return out
+
+
+def test_preset_changes_exactly_the_fidelity_rows_to_the_official_values():
+  """Against the official code's values (README "Fidelity to the official code"; rucliujn/PPlug),
+  not the preset's own source: every key `reference` changes, and nothing else."""
+  import json
   plain = lamp_config.get_config('task=2,size=xxl')
-  assert plain.plug.persona_scale == -1 and plain.llm.vocab_limit == 0
+  ref = lamp_config.get_config('task=2,size=xxl,reference')
+  a, b = _flat(json.loads(plain.to_json())), _flat(json.loads(ref.to_json()))
+  changed = {k: b.get(k) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+  assert changed == {
+      'plug.persona_scale': 539.9738,         # 1: FlanT5-XXL's norm, for every backbone
+      'llm.vocab_limit': -1,                  # 2: len(tokenizer) + 2 rows
+      'data.query_source': 'truncated_input',  # 3: the query from the cut LLM input,
+      'data.query_max_length': 256 + 20,      #    BGE's limit at input + 20 (max input 256)
+      'encoder.query_prefix': 'Represent this sentence for searching relevant passages:',
+      'data.history_order': 'file',           # 4: his_id[-512:]
+      'encoder.mode': 'finetune',             # 6: the query-side BGE trains
+      'llm.dropout_rate': 0.1, 'encoder.dropout_rate': 0.1,  # 7
+      'optim.decay_mask': 'hf',               # 8: HF Trainer's decay parameters
+      'data.augment_fixed': True}             # 9: copies made once
+  assert a['data.max_input_length'] == 256
+  validation.check_config(ref, num_devices=1, process_count=1)
 
 
 def test_vocab_limit_equals_transformers_after_resize_token_embeddings(tiny_t5):
