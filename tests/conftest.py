@@ -109,6 +109,18 @@ def gcs(tmp_path_factory):
       os.environ[k] = v
 
 
+# Tests that use these fixtures run the demo end to end (minutes): the `slow` tier.
+SLOW_FIXTURES = ('demo_run', 'straight_run')
+
+
+def pytest_collection_modifyitems(config, items):
+  """`slow` on every test that needs a whole demo run, so `pytest -m "not slow"` (the fast
+  tier, for development) skips them without each test saying so."""
+  for item in items:
+    if set(SLOW_FIXTURES) & set(getattr(item, 'fixturenames', ())):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
   """A failed test that used the emulator shows the emulator's last log lines."""

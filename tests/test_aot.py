@@ -110,6 +110,7 @@ time.sleep(float(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 def test_two_plans_at_once_beside_a_job_that_holds_the_tpu(tiny_t5, tmp_path):
   pytest.importorskip('libtpu', reason='the [tpu] extra is not installed')
   env = {k: v for k, v in os.environ.items() if k != 'ALLOW_MULTIPLE_LIBTPU_LOAD'}

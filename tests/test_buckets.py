@@ -74,6 +74,7 @@ def _off(config):
   return c
 
 
+@pytest.mark.slow
 def test_bucketed_evaluation_equals_padded_nll_and_greedy_predictions(lamp7):
   config, system = lamp7
   trainable = system.init_trainable(0)

@@ -123,6 +123,7 @@ def test_the_loss_is_hf_on_soft_prompt_target_with_labels_only_on_the_target(tin
   assert abs(float(got) - want) < 1e-5
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_end_to_end_on_a_tiny_llama(tiny_llama, lamp_dir, minilm_path,
                                                        tmp_path):
   path, _ = tiny_llama
@@ -263,6 +264,7 @@ def test_train_step_on_8_devices_equals_single_device_on_a_tiny_llama(tiny_llama
   assert set(out) == {'(2, 4)', '(8, 1)'}
 
 
+@pytest.mark.slow
 def test_the_decoder_demo_on_two_processes_equals_one_process_on_8_devices(tmp_path):
   """configs/lamp.py:demo,llm=decoder (smaller data, a short fit of the tiny Llama): 2 real
   processes x 4 devices (scripts/local_multihost.sh) take the 1 x 8 run's steps and dev."""

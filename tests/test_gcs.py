@@ -172,6 +172,7 @@ def _env(**changes):
   return env
 
 
+@pytest.mark.slow
 def test_bucket_names_and_refusals_are_one_line_before_any_work(gcs, tmp_path):
   """A bucket name GCS refuses, missing credentials, refused credentials and a bucket these
   credentials may only read: each is one line, exit 2, and nothing is written. No request

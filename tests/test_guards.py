@@ -157,6 +157,7 @@ def test_ropg_baseline_before_its_retriever_is_trained_is_one_line(tmp_path, sma
 
 # ------------------------------------------------------------------ precompute works as train does
 
+@pytest.mark.slow
 def test_precompute_of_the_demo_makes_the_records_train_uses(tmp_path):
   sizes = ['--config.demo_data.train_users=6', '--config.demo_data.dev_users=3',
            '--config.demo_data.test_users=2']

@@ -22,6 +22,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # real processes, each running the demo's training
+
 HARNESS = os.path.join(ROOT, 'scripts', 'local_multihost.sh')
 FLAGS = ['--config.data.num_shards=3', '--config.data.num_streams=2',
          '--config.optim.max_steps=12', '--config.train.checkpoint_every=4',

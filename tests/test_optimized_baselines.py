@@ -173,6 +173,7 @@ def _top1_hit_rate(questions, encoder):
   return float(np.mean(hits))
 
 
+@pytest.mark.slow
 def test_ropg_kd_moves_the_top1_towards_high_utility_items(tmp_path, minilm_path):
   """Utility 1 for the item that mentions 'golden treasure', 0 for the others: after KD the
   trained retriever ranks that item first for users it never saw."""
@@ -212,6 +213,7 @@ def _utility_cmd(workdir):
           '--config.ropg.candidates=4', '--config.ropg.initial_ranker=bm25']
 
 
+@pytest.mark.slow
 def test_utility_scorer_resumes_after_sigkill_with_no_query_twice_or_lost(tmp_path):
   workdir = tmp_path / 'w'
   out_file, _ = utility.paths(str(workdir), 'train')
@@ -253,6 +255,7 @@ def test_utility_scorer_resumes_after_sigkill_with_no_query_twice_or_lost(tmp_pa
 
 # ------------------------------------------------------------ RSPG end to end (small)
 
+@pytest.mark.slow
 def test_rspg_picks_one_pool_output_per_query_writes_lamp_files_and_resumes(tmp_path,
                                                                           minilm_path):
   """On a small demo (random base model, three cheap retrievers), both selectors train, pick
