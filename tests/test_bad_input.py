@@ -472,6 +472,16 @@ def test_command_line_errors_are_one_line_exit_2_quiet_and_fast(tmp_path):
   assert seconds < 60
 
 
+@pytest.mark.parametrize('command', ['pplug_jax.train', 'pplug_jax.precompute'])
+def test_a_command_without_config_is_one_line(command, tmp_path):
+  """--config is one flag definition for every command (precompute used to crash here)."""
+  proc, _ = _run(command, f'--workdir={tmp_path}')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip() == ('error: flag --config=None: Flag --config must have a value '
+                                 'other than None.')
+  assert not os.listdir(tmp_path)
+
+
 def test_a_second_train_in_a_busy_workdir_exits_2(tmp_path):
   with WorkdirLock(str(tmp_path), 'train'):
     proc, _ = _run('pplug_jax.train', '--config', 'configs/lamp.py:demo', f'--workdir={tmp_path}')
