@@ -66,6 +66,15 @@ SALEMI_OPTIMISATION = dict(lr=1e-5, batch_size=64, epochs=10, warmup_frac=0.05, 
                            checkpoint_every=500)
 
 
+def _resumable(c, key, value):
+  """Sets config.<key> (a value or a whole section) and marks it as one that may change when a
+  run resumes: how it logs, evaluates and places arrays, and what runs after training. Every
+  key not marked trains something else, and checkpoints refuse to resume with it changed."""
+  section, _, name = key.rpartition('.')
+  (c[section] if section else c)[name] = value
+  c.resumable_keys = (*c.resumable_keys, key)
+
+
 def get_config(arg=None):
   args = _parse(arg)
   demo = 'demo' in args or not args
@@ -97,16 +106,17 @@ def get_config(arg=None):
     raise ValueError(f'configs/lamp.py: encoder={encoder!r} must be one of {sorted(ENCODERS)}.')
 
   c = ml_collections.ConfigDict()
+  c.resumable_keys = ()  # filled by _resumable below: not a setting
   c.seed = 0
   c.task = f'LaMP_{task}'
   c.split_type = args.get('split', 'user')
   c.demo = demo
-  c.demo_ablations = False  # the demo only: then the variants study on drift and two_preferences
+  _resumable(c, 'demo_ablations', False)  # the demo only: then the variants study on drift and two_preferences
 
   c.data = ml_collections.ConfigDict()
   c.data.lamp_dir = ''          # holds LaMP_N/ and/or LaMP_time_N/
   c.data.records_dir = ''       # precompute output; '' = <workdir>/records
-  c.data.rebuild_records = False  # True: delete records made from other inputs, make them again
+  _resumable(c, 'data.rebuild_records', False)  # True: delete records made from other inputs, make them again
   c.data.num_shards = 4
   c.data.num_streams = 0        # data streams of a global batch; 0 = one per process
   c.data.embedding_dtype = 'float32'
@@ -125,13 +135,14 @@ def get_config(arg=None):
   c.data.augment_max_drop = 0.5
   c.data.augment_fixed = False  # True: the same copies every epoch, each dropping >= 1 (official)
   c.data.shuffle_buffer = 10_000
-  c.data.prefetch = 2
+  _resumable(c, 'data.prefetch', 2)
 
   c.encoder = ml_collections.ConfigDict(dict(ENCODERS[encoder]))
   c.encoder.path = ''           # local Hugging Face directory of the encoder
   c.encoder.mode = 'frozen'     # 'frozen': precomputed query embedding | 'finetune'
-  c.encoder.batch_size = 64
-  c.encoder.dtype = 'auto'       # bfloat16 on TPU/GPU, float32 on CPU (recorded in the records)
+  _resumable(c, 'encoder.batch_size', 64)
+  # bfloat16 on TPU/GPU, float32 on CPU; only the records depend on it, and they check it
+  _resumable(c, 'encoder.dtype', 'auto')
   c.encoder.dropout_rate = 0.0  # in the fine-tuned query encoder during training (official: 0.1)
 
   c.llm = ml_collections.ConfigDict()
@@ -170,7 +181,7 @@ def get_config(arg=None):
   c.optim.epochs = 1 if task == 3 else 2
   c.optim.max_steps = -1        # -1: from epochs
 
-  c.train = ml_collections.ConfigDict()
+  _resumable(c, 'train', ml_collections.ConfigDict())  # logging, evaluation, checkpoints
   c.train.log_every = 50
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
@@ -180,7 +191,7 @@ def get_config(arg=None):
   c.train.eval_persona_zeroed = False  # True: also the final dev metrics with the persona zeroed
   c.train.profile_steps = ()    # (start, stop): a jax.profiler trace of those steps in <workdir>/profile
 
-  c.eval = ml_collections.ConfigDict()
+  _resumable(c, 'eval', ml_collections.ConfigDict())  # generation after training
   c.eval.num_beams = 4
   c.eval.length_penalty = 1.0
   c.eval.early_stopping = False
@@ -195,7 +206,8 @@ def get_config(arg=None):
   c.rag.retriever_pooling = 'mean'
 
   # The optimised retrieval baselines (Salemi et al., SIGIR 2024); README "ROPG and RSPG".
-  c.ropg = ml_collections.ConfigDict()  # python -m pplug_jax.baselines.utility, then .ropg
+  # They run after training and check their own inputs.
+  _resumable(c, 'ropg', ml_collections.ConfigDict())  # python -m pplug_jax.baselines.utility, then .ropg
   c.ropg.candidates = 16        # l: items of the initial ranking scored per query (paper 16)
   c.ropg.initial_ranker = 'contriever'  # 'bm25' | 'contriever' | 'recency' | 'file' (file order)
   c.ropg.temperature = 1.0      # KD temperature (the reference's default)
@@ -205,7 +217,7 @@ def get_config(arg=None):
   c.ropg.dropout = 0.1          # in the retriever while training (BERT's default, as the code)
   c.ropg.update(SALEMI_OPTIMISATION)
 
-  c.rspg = ml_collections.ConfigDict()  # python -m pplug_jax.baselines.rspg --kind pre|post
+  _resumable(c, 'rspg', ml_collections.ConfigDict())  # python -m pplug_jax.baselines.rspg --kind pre|post
   c.rspg.retrievers = ('none', 'bm25', 'contriever', 'recency', 'ropg-rl', 'ropg-kd')
   c.rspg.model_path = ''        # the selection model's BERT directory; '' = rag.retriever_path
   c.rspg.max_length = 512
@@ -217,8 +229,8 @@ def get_config(arg=None):
   # (data, model); -1 = all remaining devices. On a v5e-8, XXL needs the weights split: (8, 1)
   # needs 23 GiB of temporaries per chip, (2, 4) 8.8 GiB (the planner); the README's runbook
   # sets --config.mesh_shape='(-1,4)'. The default runs on any number of devices.
-  c.mesh_shape = (-1, 1)
-  c.logical_axis_rules = axis_rules.STANDARD_RULES
+  _resumable(c, 'mesh_shape', (-1, 1))  # placement: a resume may use other devices
+  _resumable(c, 'logical_axis_rules', axis_rules.STANDARD_RULES)
   if llm in DECODERS:
     c.llm.name = DECODERS[llm]['name']
     c.llm.update(DECODER_DEFAULTS)
@@ -264,10 +276,10 @@ def _demo(c, decoder: bool = False):
       train_users=400, dev_users=100, test_users=60, num_preferences=4, mean_items=12,
       empty_frac=0.05, long_frac=0.01, signal=0.5,
       scenario='stable'))  # or 'drift', 'two_preferences' (pplug_jax/data/synthetic.py)
-  c.demo_compare = True  # after training, the ablations and the retrieval baselines (Table 1)
+  _resumable(c, 'demo_compare', True)  # after training, the ablations and the retrieval baselines (Table 1)
   # Also ROPG-RL/KD and RSPG-Pre/Post (about 6 more minutes on 2 CPU cores), with the reduced
   # settings below: l = 4 candidates, one epoch, batch 8, a higher learning rate, short inputs.
-  c.demo_optimized = False
+  _resumable(c, 'demo_optimized', False)
   c.ropg.update(candidates=4, lr=5e-5, batch_size=8, epochs=1, query_max_length=64,
                 doc_max_length=64, checkpoint_every=20)
   c.rspg.update(lr=5e-5, batch_size=8, epochs=1, max_length=96, checkpoint_every=20)

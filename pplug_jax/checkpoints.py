@@ -167,16 +167,11 @@ def load_params(workdir: str, which: str = 'best', attempts: int = 5) -> tuple[d
   return jax.tree.map(np.asarray, state['params']), step
 
 
-# What may change when a run resumes: logging, evaluation, data prefetch and placement. Anything
-# else changes the model, the data or the optimisation, and mixing two of those is refused.
-RESUMABLE_CHANGES = ('train.log_every', 'train.eval_every', 'train.checkpoint_every',
-                     'train.keep_checkpoints', 'train.eval_batch_size', 'train.max_eval_batches',
-                     'train.profile_steps',
-                     'eval.', 'data.prefetch', 'data.rebuild_records', 'encoder.batch_size',
-                     'encoder.dtype',  # only the records depend on it, and they check it
-                     'mesh_shape', 'logical_axis_rules', 'demo_compare', 'demo_optimized',
-                     'ropg.', 'rspg.',  # the optimised baselines check their own inputs
-                     'train.eval_persona_zeroed', 'demo_ablations')  # after training only
+# The config's list of keys that may change when a run resumes (logging, evaluation, data
+# prefetch and placement, what runs after training): configs/lamp.py marks each where it is
+# declared. Anything else changes the model, the data or the optimisation, and mixing two of
+# those is refused. A config without the list resumes only when every key is the same.
+RESUMABLE_KEYS = 'resumable_keys'
 
 
 # Keys older versions wrote that no code reads any more: their presence changes nothing.
@@ -200,12 +195,14 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
 
 def config_changes(old: dict, new: dict) -> list[str]:
   """'key: old -> new' for every change between two configs (as JSON dicts) a resume forbids."""
+  resumable = tuple(new.get(RESUMABLE_KEYS, ()))
   a, b = _flatten(old), _flatten(new)
   missing = '<absent>'
   changes = []
   for key in sorted(set(a) | set(b)):
     before, after = a.get(key, ADDED_KEYS.get(key, missing)), b.get(key, missing)
-    if before == after or key.startswith(RESUMABLE_CHANGES) or key in REMOVED_KEYS:
+    if (before == after or key == RESUMABLE_KEYS or key in REMOVED_KEYS or
+        any(key == r or key.startswith(r + '.') for r in resumable)):
       continue
     if key == 'optim.max_steps' and after != -1 and (before == -1 or after > before):
       continue  # training longer is fine; the schedule is laid over the new total

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from pplug_jax import demo, partitioning, storage, validation
-from pplug_jax.errors import UserError
+from pplug_jax.errors import ConfigError, UserError
 from pplug_jax.workdir_lock import held
 
 EXIT_USER_ERROR = 2
@@ -199,15 +199,21 @@ def check_workdir(path: str | None, flag: str = '--workdir') -> None:
 
 
 @contextlib.contextmanager
-def job(command: str, check: Callable[[Any], None] | None = None) -> Iterator[Any]:
-  """--config for a job that writes into --workdir: every value checked (with `check` for the
-  command's own flags) before anything is written, then the workdir locked for the job's life;
-  for the demo, its files made first, under the lock."""
+def job(command: str,
+        check: Callable[[Any], list[str] | None] | None = None) -> Iterator[Any]:
+  """--config for a job that writes into --workdir: every value checked in one pass, with
+  `check` for the command's own flags and inputs (it returns its problems, or raises a
+  ConfigError), before anything is written and listed together; then the workdir locked for
+  the job's life; for the demo, its files made first, under the lock."""
   partitioning.maybe_initialize_distributed()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  validation.check_config(config)
+  problems = validation.config_problems(config)
   if check is not None:
-    check(config)
+    try:
+      problems += check(config) or []
+    except ConfigError as e:
+      problems.append(str(e))
+  validation.refuse(problems)
   with held(workdir, command):
     if config.demo:  # the demo's own files, never a user's
       demo.prepare(config, workdir)

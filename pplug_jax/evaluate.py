@@ -18,7 +18,7 @@ from absl import flags, logging
 
 from pplug_jax import storage
 from pplug_jax import (checkpoints, cli, fileio, generation, partitioning, precompute,
-                       system as system_lib)
+                       system as system_lib, validation)
 from pplug_jax.data import lamp, records
 from pplug_jax.errors import RecordsError
 from pplug_jax.workdir_lock import held
@@ -67,6 +67,7 @@ def main(argv):
   partitioning.maybe_initialize_distributed()
   with held(f.workdir if storage.isdir(f.workdir) else '', 'evaluate'):  # writes into it
     config = f.config if f.config is not None else checkpoints.load_config(f.workdir)
+    validation.refuse(validation.config_problems(config, training=False))
     print(json.dumps(evaluate(config, f.workdir, f.split, f.checkpoint), indent=1))
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 from absl import flags, logging
 
 from pplug_jax import storage
@@ -240,7 +239,7 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  with cli.job('precompute', lambda c: validation.check_precompute_inputs(
+  with cli.job('precompute', lambda c: validation.precompute_problems(
       c, flags.FLAGS.workdir)) as config:
     check_llm_weights(config, required=False)
     meta = run(config, flags.FLAGS.workdir)

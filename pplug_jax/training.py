@@ -27,8 +27,8 @@ from pplug_jax.models import plug as plug_lib
 from pplug_jax.workdir_lock import WorkdirLock, records_lock
 
 
-def check_inputs(config, workdir: str) -> str:
-  """Fails fast, naming the config key to set, when weights or data are missing."""
+def input_problems(config, workdir: str) -> list[str]:
+  """What training reads is named and there: each missing one names the config key to set."""
   storage.check_config_buckets(config)
   records_path = records.records_dir(config, workdir)
   have_records = storage.exists(os.path.join(records_path, records.METADATA))
@@ -46,9 +46,8 @@ def check_inputs(config, workdir: str) -> str:
                     f'({config.task}) and set it, or set config.data.records_dir to records '
                     'made by pplug_jax.precompute.')
   if problems:
-    raise ConfigError('cannot start training:\n  ' + '\n  '.join(problems) +
-                      '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo')
-  return records_path
+    problems[-1] += '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo'
+  return problems
 
 
 def _records_complete(records_path: str) -> bool:
@@ -125,7 +124,9 @@ def train_and_evaluate(config, workdir: str,
   """Trains, evaluates on dev and returns the final metrics, with what `after_training` adds."""
   partitioning.maybe_initialize_distributed()
   tf.config.set_visible_devices([], 'GPU')
-  validation.check_config(config)
+  # Every value and (but for the demo, which makes its own) every input, in one pass.
+  validation.refuse(validation.config_problems(config) +
+                    ([] if config.demo else input_problems(config, workdir)))
   storage.makedirs(workdir, exist_ok=True)
   lock = WorkdirLock(workdir, 'train') if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
@@ -137,7 +138,8 @@ def _train_and_evaluate(config, workdir: str,
   # ---------------------------------------------------------------- set-up
   if config.demo:
     demo.prepare(config, workdir)
-  records_path = check_inputs(config, workdir)
+  validation.refuse(input_problems(config, workdir))  # the demo's, now made
+  records_path = records.records_dir(config, workdir)
   validation.check_splits(config, records_path)
   config.data.num_streams = pipeline.num_streams(config)  # recorded: it fixes the data order
   checkpoints.check_resume_config(workdir, config)

@@ -86,6 +86,9 @@ def _problems_of_values(c) -> list[str]:
   need(not c.get('demo_ablations', False) or c.demo, 'demo_ablations',
        'is the demo\'s study (configs/lamp.py:demo); on your own data run python -m '
        'pplug_jax.ablate --study variants')
+  for key in c.get('resumable_keys', ()):
+    need(_has_key(c, key), 'resumable_keys',
+         f'marks {key!r}, which this config does not have (configs/lamp.py sets this list)')
   one_of('optim.decay_mask', ('all', 'hf'))
   one_of('data.history_order', ('date', 'file'))
   one_of('data.query_source', ('input', 'truncated_input'))
@@ -127,6 +130,14 @@ def _problems_of_values(c) -> list[str]:
   return p
 
 
+def _has_key(c, dotted: str) -> bool:
+  for part in dotted.split('.'):
+    if not hasattr(c, 'keys') or part not in c:
+      return False
+    c = c[part]
+  return True
+
+
 def _problems_of_plug_variant(c) -> list[str]:
   """The plug-variant keys (models/plug.py): pooling, K, time decay."""
   v, p = c.plug, []
@@ -145,7 +156,8 @@ def _problems_of_plug_variant(c) -> list[str]:
   return p
 
 
-def _problems_with_devices(c, num_devices: int, process_count: int) -> list[str]:
+def _problems_with_devices(c, num_devices: int, process_count: int,
+                           training: bool = True) -> list[str]:
   try:
     shape = partitioning.resolve_mesh_shape(c.mesh_shape, num_devices)
   except ConfigError as e:
@@ -157,7 +169,8 @@ def _problems_with_devices(c, num_devices: int, process_count: int) -> list[str]
              f'devices) must be a multiple of the {process_count} processes, since each process '
              f'feeds its own examples; put the processes on the data axis, e.g. '
              f'config.mesh_shape=({process_count}, -1).')
-  if c.optim.batch_size > 0 and (c.optim.batch_size % data or c.optim.batch_size % process_count):
+  if training and c.optim.batch_size > 0 and (c.optim.batch_size % data or
+                                              c.optim.batch_size % process_count):
     p.append(f'config.optim.batch_size={c.optim.batch_size}: must be a multiple of the data-'
              f'parallel size {data} (config.mesh_shape={tuple(c.mesh_shape)} on {num_devices} '
              f'devices) and of the {process_count} processes.')
@@ -165,6 +178,8 @@ def _problems_with_devices(c, num_devices: int, process_count: int) -> list[str]
     p.append(f'config.train.eval_batch_size={c.train.eval_batch_size} (per process): '
              f'{process_count} processes x it must be a multiple of the data-parallel size '
              f'{data}.')
+  if not training:  # evaluation: only its own batch meets the mesh
+    return p
   streams = c.data.num_streams or process_count
   if c.data.num_streams > 0 and (streams % process_count or c.optim.batch_size % streams):
     p.append(f'config.data.num_streams={streams}: must be a multiple of the {process_count} '
@@ -175,43 +190,60 @@ def _problems_with_devices(c, num_devices: int, process_count: int) -> list[str]
   return p
 
 
-def check_config(config, num_devices: int | None = None,
-                 process_count: int | None = None) -> None:
-  """Raises one ConfigError that lists every invalid value in `config`."""
+def config_problems(config, num_devices: int | None = None, process_count: int | None = None,
+                    training: bool = True) -> list[str]:
+  """Every invalid value in `config`, each as one line naming its key (empty: all fine).
+
+  training=False (evaluate, on a workdir's config): the training batch may not fit these
+  devices, since only the evaluation batch meets them.
+  """
   problems = _problems_of_values(config)
   problems += _problems_with_devices(
       config, jax.device_count() if num_devices is None else num_devices,
-      jax.process_count() if process_count is None else process_count)
+      jax.process_count() if process_count is None else process_count, training)
+  return problems
+
+
+def refuse(problems: list[str]) -> None:
+  """One ConfigError that lists every problem at once (nothing if there are none); a single
+  problem is the message alone, so that it stays one line."""
+  if len(problems) == 1:
+    raise ConfigError(problems[0])
   if problems:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(problems))
 
 
-def check_precompute_inputs(config, workdir: str) -> None:
+def check_config(config, num_devices: int | None = None,
+                 process_count: int | None = None) -> None:
+  """Raises one ConfigError that lists every invalid value in `config`."""
+  refuse(config_problems(config, num_devices, process_count))
+
+
+def precompute_problems(config, workdir: str) -> list[str]:
   """What precompute reads is named and there (the demo makes its own, in --workdir)."""
   storage.check_config_buckets(config)
-  if config.demo and not workdir:
-    raise ConfigError('--workdir is empty: the demo makes its data and models there, as train '
-                      'does; give --workdir DIR.')
+  if config.demo:
+    return [] if workdir else ['--workdir is empty: the demo makes its data and models there, '
+                               'as train does; give --workdir DIR.']
   problems = []
   if not workdir and not config.data.records_dir:
     problems.append('--workdir is empty: the records go to <workdir>/records unless '
                     'config.data.records_dir is set.')
-  if not config.demo:
-    files = 'config.json, model.safetensors and the tokenizer files'
-    if not config.encoder.path or not storage.isdir(config.encoder.path):
-      problems.append(f'config.encoder.path={config.encoder.path!r}: download '
-                      f'{config.encoder.name} ({files}) and set it.')
-    if not config.data.lamp_dir or not storage.isdir(config.data.lamp_dir):
-      problems.append(f'config.data.lamp_dir={config.data.lamp_dir!r}: download LaMP '
-                      f'({config.task}) and set it.')
-    tokenizer = config.llm.tokenizer or config.llm.path
-    if tokenizer != 'byte' and not storage.isdir(tokenizer):
-      problems.append(f'config.llm.path={config.llm.path!r}: precompute needs the LLM\'s '
-                      f'tokenizer; download {config.llm.name} and set it.')
+  files = 'config.json, model.safetensors and the tokenizer files'
+  if not config.encoder.path or not storage.isdir(config.encoder.path):
+    problems.append(f'config.encoder.path={config.encoder.path!r}: download '
+                    f'{config.encoder.name} ({files}) and set it.')
+  if not config.data.lamp_dir or not storage.isdir(config.data.lamp_dir):
+    problems.append(f'config.data.lamp_dir={config.data.lamp_dir!r}: download LaMP '
+                    f'({config.task}) and set it.')
+  tokenizer = config.llm.tokenizer or config.llm.path
+  if tokenizer != 'byte' and not storage.isdir(tokenizer):
+    problems.append(f'config.llm.path={config.llm.path!r}: precompute needs the LLM\'s '
+                    f'tokenizer; download {config.llm.name} and set it.')
   if problems:
-    raise ConfigError('cannot precompute:\n  ' + '\n  '.join(problems) +
-                      '\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo '
-                      '--workdir DIR')
+    problems[-1] += ('\nWith nothing downloaded, run the demo: --config configs/lamp.py:demo '
+                     '--workdir DIR')
+  return problems
 
 
 def _count_questions(path: str) -> int:

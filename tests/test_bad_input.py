@@ -238,6 +238,33 @@ def test_resume_refuses_a_changed_config_but_allows_harmless_keys(tmp_path):
   assert 'config.data.max_history: 64 -> 8' in str(err.value)
 
 
+def test_the_keys_a_resume_may_change_are_the_ones_marked_at_declaration(tmp_path):
+  """configs/lamp.py marks them; each marked key (or section) may change, nothing else."""
+  config = lamp_config.get_config('demo')
+  assert set(config.resumable_keys) == {
+      'demo_ablations', 'data.rebuild_records', 'data.prefetch', 'encoder.batch_size',
+      'encoder.dtype', 'train', 'eval', 'ropg', 'rspg', 'mesh_shape', 'logical_axis_rules',
+      'demo_compare', 'demo_optimized'}
+  old = json.loads(config.to_json())
+  new = lamp_config.get_config('demo')
+  new.train.keep_checkpoints, new.eval.num_beams, new.mesh_shape = 9, 2, (1, -1)
+  new.ropg.lr, new.data.prefetch = 1.0, 0
+  assert checkpoints.config_changes(old, json.loads(new.to_json())) == []
+  new.data.shuffle_buffer, new.rag.k = 5, 2  # unmarked: data order, and the RAG prompt
+  assert checkpoints.config_changes(old, json.loads(new.to_json())) == [
+      'config.data.shuffle_buffer: 10000 -> 5', 'config.rag.k: 4 -> 2']
+  unmarked = json.loads(new.to_json())
+  del unmarked['resumable_keys']  # a config file of one's own, without the marks
+  assert 'config.train.keep_checkpoints: 3 -> 9' in checkpoints.config_changes(old, unmarked)
+  typo = lamp_config.get_config('demo')
+  typo.resumable_keys = ('train.log_evry',)
+  with pytest.raises(ConfigError) as e:
+    validation.check_config(typo)
+  assert str(e.value) == ("config.resumable_keys=('train.log_evry',): marks "
+                          "'train.log_evry', which this config does not have (configs/lamp.py "
+                          'sets this list).')
+
+
 def test_resume_of_a_run_from_before_the_variant_keys_existed(tmp_path):
   old = json.loads(lamp_config.get_config('demo').to_json())
   for section, key in (('plug', 'pooling'), ('plug', 'instruction'), ('plug', 'num_persona_tokens'),

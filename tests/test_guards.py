@@ -138,9 +138,30 @@ def test_a_bad_optimised_baseline_key_is_refused_before_training(tmp_path):
                         '--config.demo_optimized=True', '--config.ropg.kd_form=kld',
                         f'--workdir={tmp_path}'], timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert proc.stderr == ("error: invalid config:\n  config.ropg.kd_form='kld': use one of "
+  assert proc.stderr == ("error: config.ropg.kd_form='kld': use one of "
                          "['kl', 'reference'].\n")
   assert not os.listdir(tmp_path) and seconds < 60
+
+
+def test_a_bad_value_and_missing_inputs_are_listed_together(tmp_path):
+  """One pass: precompute names the bad value and every input it cannot find, in one error."""
+  proc, _ = _run(['pplug_jax.precompute', '--config', 'configs/lamp.py:task=2,size=small',
+                  '--config.data.max_history=0', f'--workdir={tmp_path / "w"}'])
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.splitlines()
+  assert lines[:2] == ['error: invalid config:', '  config.data.max_history=0: must be > 0.']
+  assert [line.split('=')[0] for line in lines[2:5]] == [
+      '  config.encoder.path', '  config.data.lamp_dir', '  config.llm.path']
+  assert lines[5:] == ['With nothing downloaded, run the demo: --config configs/lamp.py:demo '
+                       '--workdir DIR']
+  assert not os.listdir(tmp_path)
+
+
+def test_evaluate_checks_the_config_it_is_given(tmp_path):
+  proc, _ = _run(['pplug_jax.evaluate', *DEMO, '--config.eval.num_beams=0',
+                  f'--workdir={tmp_path}'])
+  assert _one_error_line(proc) == 'error: config.eval.num_beams=0: must be > 0.'
+  assert sorted(os.listdir(tmp_path)) in ([], ['.lock'])  # the lock file, no output
 
 
 def test_ropg_baseline_before_its_retriever_is_trained_is_one_line(tmp_path, small_lamp):

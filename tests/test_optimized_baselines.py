@@ -297,17 +297,20 @@ def test_bad_settings_of_the_optimised_baselines_name_their_key(tmp_path):
   config.rag.retriever_path = str(tmp_path)  # never read: the checks come first
   cases = [
       (lambda c: c.ropg.update(kd_form='kld'), lambda c: ropg.train(c, str(tmp_path), 'kd'),
-       "config.ropg.kd_form='kld': use one of ('kl', 'reference')"),
+       "config.ropg.kd_form='kld': use one of ['kl', 'reference']."),
       (lambda c: None, lambda c: ropg.train(c, str(tmp_path), 'ppo'),
        "--objective='ppo': use one of ('kd', 'rl')"),
       (lambda c: c.ropg.update(initial_ranker='dense'),
-       lambda c: utility.score(c, str(tmp_path)), "config.ropg.initial_ranker='dense'"),
+       lambda c: utility.score(c, str(tmp_path)),
+       "config.ropg.initial_ranker='dense': use one of ['bm25', 'contriever', 'file', 'recency']."),
       (lambda c: c.ropg.update(candidates=0), lambda c: utility.score(c, str(tmp_path)),
-       'config.ropg.candidates=0: score at least 1 item'),
+       'config.ropg.candidates=0: must be > 0.'),
       (lambda c: c.rspg.update(loss_form='ce'), lambda c: rspg.run(c, str(tmp_path), 'pre'),
-       "config.rspg.loss_form='ce': use one of ('kl', 'reference')"),
+       "config.rspg.loss_form='ce': use one of ['kl', 'reference']."),
       (lambda c: c.rspg.update(retrievers=('bm25', 'bm52')),
-       lambda c: rspg.run(c, str(tmp_path), 'pre'), 'config.rspg.retrievers='),
+       lambda c: rspg.run(c, str(tmp_path), 'pre'),
+       "config.rspg.retrievers=('bm25', 'bm52'): give at least two of ['none', 'bm25', "
+       "'recency', 'contriever', 'random', 'ropg-kd', 'ropg-rl']."),
       (lambda c: None, lambda c: rspg.run(c, str(tmp_path), 'mid'),
        "--kind='mid': use one of ('pre', 'post')"),
   ]

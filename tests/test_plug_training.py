@@ -155,16 +155,23 @@ def test_a_misspelt_config_argument_is_an_error_listing_the_valid_ones():
                           'llm=NAME, split=user|time, encoder=bge|contriever|minilm, reference.')
 
 
-def test_missing_weights_fail_fast_naming_the_key(tmp_path):
+def test_bad_values_and_missing_inputs_are_one_error_before_any_work(tmp_path):
+  """One pass: the invalid value and every missing input together, and nothing written."""
   from pplug_jax import training
   from pplug_jax.errors import ConfigError
   config = lamp_config.get_config('task=4,size=xxl')
+  config.optim.lr = -1.0
+  workdir = tmp_path / 'w'
   with pytest.raises(ConfigError) as e:
-    training.check_inputs(config, str(tmp_path))
-  for key in ('config.llm.path', 'config.encoder.path', 'config.data.lamp_dir',
-              'google/flan-t5-xxl'):
-    assert key in str(e.value)
-  assert not os.listdir(tmp_path)  # nothing written
+    training.train_and_evaluate(config, str(workdir))
+  lines = str(e.value).split('\n')
+  assert lines[:2] == ['invalid config:', '  config.optim.lr=-1.0: must be > 0.']
+  for key, line in zip(('config.llm.path', 'config.encoder.path', 'config.data.lamp_dir'),
+                       lines[2:5]):
+    assert line.startswith(f"  {key}=''"), lines
+  assert 'google/flan-t5-xxl' in lines[2]
+  assert lines[5:] == ['With nothing downloaded, run the demo: --config configs/lamp.py:demo']
+  assert not workdir.exists()  # nothing written
 
 
 def test_train_step_on_8_devices_equals_single_device(tiny_t5):

@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags, logging
 
 from pplug_jax import storage
-from pplug_jax import cli, fileio, partitioning, tokenizers
+from pplug_jax import cli, fileio, partitioning, tokenizers, validation
 from pplug_jax.baselines import runner, trainer, utility
 from pplug_jax.baselines.retrieval import ropg_query_and_corpus
 from pplug_jax.data import lamp
@@ -120,11 +120,10 @@ def train(config, workdir: str, objective: str, mesh: jax.sharding.Mesh | None =
   """Trains one ROPG retriever and exports it; returns the exported directory."""
   if objective not in OBJECTIVES:
     raise ConfigError(f'--objective={objective!r}: use one of {OBJECTIVES}.')
+  validation.check_config(config)  # the command did; a Python caller may not have
   if not config.rag.retriever_path:
     raise ConfigError('config.rag.retriever_path is empty: ROPG starts from Contriever; give a '
                       'Hugging Face directory of facebook/contriever.')
-  if config.ropg.kd_form not in KD_FORMS:
-    raise ConfigError(f'config.ropg.kd_form={config.ropg.kd_form!r}: use one of {KD_FORMS}.')
   mesh = mesh or partitioning.make_mesh(config.mesh_shape)
   rules = tuple(config.logical_axis_rules)
   source = config.rag.retriever_path

@@ -33,7 +33,7 @@ from absl import flags, logging
 from flax import linen as nn
 
 from pplug_jax import storage
-from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning, tokenizers
+from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning, tokenizers, validation
 from pplug_jax.baselines import runner, trainer
 from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError
@@ -112,22 +112,16 @@ def selection_data(config, kind: str, runs: dict[str, dict], questions: list[dic
 
 
 def _check(config, kind: str, workdir: str | None = None) -> str:
-  """The kind, the loss, the selection model and the pool (with `workdir`: each retriever's
-  inputs, e.g. trained ROPG retrievers) are known and there, before any run of the pool."""
+  """The kind, the selection model and (with `workdir`) each retriever's inputs, e.g. trained
+  ROPG retrievers, are there before any run of the pool; the rspg values themselves are
+  validation.check_config's, in the same pass (cli.job)."""
   if kind not in KINDS:
     raise ConfigError(f'--kind={kind!r}: use one of {KINDS}.')
-  if config.rspg.loss_form not in LOSS_FORMS:
-    raise ConfigError(f'config.rspg.loss_form={config.rspg.loss_form!r}: use one of '
-                      f'{LOSS_FORMS}.')
+  validation.check_config(config)  # the command did; a Python caller may not have
   path = config.rspg.model_path or config.rag.retriever_path
   if not path and not config.demo:  # the demo sets rag.retriever_path to its MiniLM
     raise ConfigError('config.rspg.model_path and config.rag.retriever_path are empty: the '
                       'selection model needs a Hugging Face BERT directory.')
-  unknown = [m for m in config.rspg.retrievers if m != runner.NO_RETRIEVAL and
-             m not in runner.METHODS]
-  if unknown or len(config.rspg.retrievers) < 2:
-    raise ConfigError(f'config.rspg.retrievers={tuple(config.rspg.retrievers)}: give at least '
-                      f'two of {(runner.NO_RETRIEVAL,) + runner.METHODS}.')
   if workdir is not None:
     for method in config.rspg.retrievers:
       runner.check_method(config, workdir, method, config.rag.k)

@@ -32,13 +32,11 @@ from absl import flags, logging
 from tqdm.auto import tqdm
 
 from pplug_jax import storage
-from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning
+from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning, validation
 from pplug_jax.baselines import retrieval, runner
 from pplug_jax.baselines.prompts import rag_prompt
 from pplug_jax.baselines.retrieval import rank_profile
 from pplug_jax.data import lamp
-from pplug_jax.errors import ConfigError
-from pplug_jax.validation import INITIAL_RANKERS
 
 
 
@@ -99,11 +97,7 @@ def score(config, workdir: str, split: str = 'train',
           generator: runner.BaselineGenerator | None = None, encoder: Any = None,
           stop_after_chunks: int | None = None) -> str:
   """Scores every query of a split (resuming a partial run); returns the JSONL path."""
-  if config.ropg.initial_ranker not in INITIAL_RANKERS:
-    raise ConfigError(f'config.ropg.initial_ranker={config.ropg.initial_ranker!r}: use one of '
-                      f'{INITIAL_RANKERS}.')
-  if config.ropg.candidates < 1:
-    raise ConfigError(f'config.ropg.candidates={config.ropg.candidates}: score at least 1 item.')
+  validation.check_config(config)  # the commands did; a Python caller may not have
   qfile, questions, examples = lamp.raw_questions(config, split)
   retrieval.check_fields(config.task, qfile, questions, 'recency')  # ROPG's corpus has the date
   out_file, meta_file = paths(workdir, split)

@@ -14,7 +14,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pplug_jax import storage
 from pplug_jax import fileio, storage
 from pplug_jax.errors import ConfigError
 

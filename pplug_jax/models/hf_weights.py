@@ -584,7 +584,6 @@ def save_bert(out_dir: str, source_dir: str, config: bert_lib.BertConfig, params
   its config, tokenizer and sentence-transformers files are copied, so transformers'
   `AutoModel.from_pretrained(out_dir)` (the official code's loader) gets the trained encoder.
   """
-  import shutil
   ckpt = SafetensorsDir(source_dir)
   prefix = 'bert.' if any(k.startswith('bert.') for k in ckpt.keys()) else ''
   tensors = {k: np.array(ckpt.get(k), dtype=np.float32) for k in ckpt.keys()}
