@@ -82,6 +82,23 @@ def plan(study: str, only: list[str] | None, config) -> list[str]:
   return kept
 
 
+def study_problems(study: str, only: list[str] | None, config) -> list[str]:
+  """The study and its variants' names, and each variant's config, checked before any work."""
+  try:
+    names = plan(study, only, config)
+  except UserError as e:
+    return [str(e)]
+  base, problems = set(validation.config_problems(config)), []
+  for name in names:
+    if name in VARIANTS:
+      try:  # the base's own problems are listed once, by the caller
+        problems += [f'ablation {name}: {p}' for p in
+                     validation.config_problems(variant_config(config, name)) if p not in base]
+      except UserError as e:
+        problems.append(str(e))
+  return problems
+
+
 def variant_config(base, name: str):
   """`base` with the variant's keys set (each must exist: a typo is an error)."""
   config = ml_collections.ConfigDict(base.to_dict())
@@ -192,7 +209,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   only = [n for n in (f.only or []) if n]
-  with cli.job('ablate', check=lambda c: plan(f.study, only, c)) as config:
+  with cli.job('ablate', check=lambda c: study_problems(f.study, only, c)) as config:
     names = plan(f.study, only, config)
     run_study(config, f.workdir, names)
   print(table.write_ablations(f.workdir))

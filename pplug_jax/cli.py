@@ -29,7 +29,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from pplug_jax import demo, partitioning, storage, validation
-from pplug_jax.errors import ConfigError, UserError
+from pplug_jax.errors import UserError
 from pplug_jax.workdir_lock import held
 
 EXIT_USER_ERROR = 2
@@ -203,16 +203,20 @@ def job(command: str,
         check: Callable[[Any], list[str] | None] | None = None) -> Iterator[Any]:
   """--config for a job that writes into --workdir: every value checked in one pass, with
   `check` for the command's own flags and inputs (it returns its problems, or raises a
-  ConfigError), before anything is written and listed together; then the workdir locked for
+  UserError), before anything is written and listed together; then the workdir locked for
   the job's life; for the demo, its files made first, under the lock."""
   partitioning.maybe_initialize_distributed()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   problems = validation.config_problems(config)
   if check is not None:
     try:
-      problems += check(config) or []
-    except ConfigError as e:
-      problems.append(str(e))
+      found = check(config)
+    except UserError as e:
+      found = [str(e)]
+    if found is not None and not isinstance(found, list):  # a str would list its characters
+      raise TypeError(f'{command}: its check returned {type(found).__name__}, not a list of '
+                      'problems or None.')
+    problems += found or []
   validation.refuse(problems)
   with held(workdir, command):
     if config.demo:  # the demo's own files, never a user's

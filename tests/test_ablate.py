@@ -107,3 +107,24 @@ def test_demo_ablations_plan_each_scenario_in_its_own_folder_with_fresh_paths(tm
     assert (c.data.lamp_dir, c.data.records_dir, c.llm.path, c.encoder.path) == ('',) * 4
   assert config.demo_data.scenario == 'stable'  # the main run's config is left as it was
   assert not os.path.exists(tmp_path / 'w')  # a plan writes nothing
+
+
+def test_every_study_of_the_demo_passes_the_check_and_a_bad_value_is_listed_with_a_bad_name(
+    tmp_path):
+  """The check cli.job runs before any work: no problem for a valid study (a check that
+  returned the variants' names once refused every study), all problems at once otherwise."""
+  from configs import lamp as lamp_config
+  from pplug_jax import ablate
+  config = lamp_config.get_config('demo')
+  for study in ablate.STUDIES:
+    assert ablate.study_problems(study, None, config) == [], study
+  assert ablate.study_problems('paper', ['full', 'mean_pooling'], config) == []
+  w = tmp_path / 'w'
+  proc = subprocess.run(_ablate(w, '--only=full,bogus', '--config.data.max_history=0'),
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-3:] == [
+      'error: invalid config:', '  config.data.max_history=0: must be > 0.',
+      f"  --only=full,bogus: 'bogus' is not in the paper study "
+      f"({', '.join(ablate.STUDIES['paper'])})."]
+  assert not w.exists()

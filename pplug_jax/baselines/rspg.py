@@ -36,7 +36,7 @@ from pplug_jax import storage
 from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning, tokenizers, validation
 from pplug_jax.baselines import runner, trainer
 from pplug_jax.data import lamp
-from pplug_jax.errors import ConfigError
+from pplug_jax.errors import ConfigError, UserError
 from pplug_jax.models import bert, hf_weights
 from pplug_jax.validation import LOSS_FORMS
 
@@ -111,21 +111,29 @@ def selection_data(config, kind: str, runs: dict[str, dict], questions: list[dic
   return data
 
 
-def _check(config, kind: str, workdir: str | None = None) -> str:
+def input_problems(config, kind: str, workdir: str | None = None) -> list[str]:
   """The kind, the selection model and (with `workdir`) each retriever's inputs, e.g. trained
-  ROPG retrievers, are there before any run of the pool; the rspg values themselves are
-  validation.check_config's, in the same pass (cli.job)."""
+  ROPG retrievers: what must be there before any run of the pool (the rspg values themselves
+  are validation.config_problems')."""
+  problems = []
   if kind not in KINDS:
-    raise ConfigError(f'--kind={kind!r}: use one of {KINDS}.')
-  validation.check_config(config)  # the command did; a Python caller may not have
-  path = config.rspg.model_path or config.rag.retriever_path
-  if not path and not config.demo:  # the demo sets rag.retriever_path to its MiniLM
-    raise ConfigError('config.rspg.model_path and config.rag.retriever_path are empty: the '
-                      'selection model needs a Hugging Face BERT directory.')
-  if workdir is not None:
-    for method in config.rspg.retrievers:
+    problems.append(f'--kind={kind!r}: use one of {KINDS}.')
+  if not (config.rspg.model_path or config.rag.retriever_path) and not config.demo:
+    # the demo sets rag.retriever_path to its MiniLM
+    problems.append('config.rspg.model_path and config.rag.retriever_path are empty: the '
+                    'selection model needs a Hugging Face BERT directory.')
+  for method in config.rspg.retrievers if workdir is not None else ():
+    try:
       runner.check_method(config, workdir, method, config.rag.k)
-  return path
+    except UserError as e:
+      problems.append(str(e))
+  return problems
+
+
+def _check(config, kind: str, workdir: str | None = None) -> str:
+  """For a Python caller: the config and input_problems in one refusal; the model's path."""
+  validation.refuse(validation.config_problems(config) + input_problems(config, kind, workdir))
+  return config.rspg.model_path or config.rag.retriever_path
 
 
 def run(config, workdir: str, kind: str, split: str = 'dev', generator=None,
@@ -209,7 +217,7 @@ def main(argv):
   del argv
   import json
   f = flags.FLAGS
-  with cli.job('baselines.rspg', lambda c: _check(c, f.kind, f.workdir)) as config:
+  with cli.job('baselines.rspg', lambda c: input_problems(c, f.kind, f.workdir)) as config:
     print(json.dumps(run(config, f.workdir, f.kind, f.split), indent=1))
 
 
