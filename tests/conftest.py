@@ -2,9 +2,10 @@
 
 import json
 import os
-import shutil
+import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -12,50 +13,91 @@ sys.path.insert(0, os.path.dirname(__file__))
 # With the [tpu] extra installed, libtpu must change nothing here: the tests run on the CPU.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import demo_runs  # noqa: E402
+from demo_runs import SIGKILL_FLAGS, prepared_copy, train_cmd  # noqa: E402,F401 (for the tests)
 from hf_fixtures import save_tiny_bert, save_tiny_t5  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train_cmd(workdir, *overrides):
-  return [sys.executable, '-m', 'pplug_jax.train', '--config', 'configs/lamp.py:demo',
-          f'--workdir={workdir}', *overrides]
+@pytest.fixture(scope='session')
+def demo_run(pytestconfig):
+  """(workdir, train_result, stdout) of one `configs/lamp.py:demo` run, shared read-only by
+  every test (and every xdist worker) of this pytest run; tests copy what they change."""
+  workdir = _wait_for_shared_run(pytestconfig, 'demo')
+  with open(os.path.join(workdir, 'train_result.json')) as f:
+    result = json.load(f)
+  with open(os.path.join(_shared_dir(pytestconfig), 'demo.stdout')) as f:
+    return pathlib.Path(workdir), result, f.read()
 
 
 @pytest.fixture(scope='session')
-def demo_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('demo')
-  proc = subprocess.run(train_cmd(workdir), cwd=ROOT, capture_output=True, text=True,
-                        timeout=1200)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  with open(workdir / 'train_result.json') as f:
-    return workdir, json.load(f), proc.stdout
-
-
-# The SIGKILL tests' runs (local in test_main_job, gs:// in test_gcs): 40 steps, checkpoints
-# every 10, no comparison; every one of them must end bit-identical to `straight_run`.
-SIGKILL_FLAGS = ['--config.optim.max_steps=40', '--config.train.checkpoint_every=10',
-                 '--config.train.eval_every=1000', '--config.train.log_every=10',
-                 '--config.demo_compare=False']
-
-
-def prepared_copy(src, dst, subdirs=('demo', 'records')):
-  """A new workdir holding the demo's prepared files (data and base T5, records): no re-fit."""
-  os.makedirs(dst)
-  for sub in subdirs:
-    shutil.copytree(os.path.join(src, sub), os.path.join(dst, sub))
-
-
-@pytest.fixture(scope='session')
-def straight_run(demo_run, tmp_path_factory):
+def straight_run(demo_run, pytestconfig):
   """An uninterrupted SIGKILL_FLAGS run on the demo's prepared files; it also traces steps 4 and
   5 (profiling changes no result). Returns (workdir, stderr)."""
-  straight = str(tmp_path_factory.mktemp('sigkill') / 'straight')
-  prepared_copy(str(demo_run[0]), straight)
-  proc = subprocess.run(train_cmd(straight, *SIGKILL_FLAGS, '--config.train.profile_steps=(3,5)'),
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return straight, proc.stderr
+  workdir = _wait_for_shared_run(pytestconfig, 'straight')
+  with open(os.path.join(_shared_dir(pytestconfig), 'straight.stderr')) as f:
+    return workdir, f.read()
+
+
+# Tests that use these fixtures run the demo end to end (minutes): the `slow` tier.
+SLOW_FIXTURES = ('demo_run', 'straight_run')
+_SHARED_RUNS = {'demo_run': 'demo', 'straight_run': 'straight'}
+
+
+def _shared_dir(config) -> str:
+  """One folder for the whole pytest run: with pytest-xdist, the parent of every worker's
+  basetemp (`PYTEST_XDIST_WORKER` is set in workers only)."""
+  base = config._tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  path = os.path.join(str(base), 'shared_runs')
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def _start_shared_runs(config, names) -> None:
+  """Starts tests/demo_runs.py for `names` once per pytest run (the first worker wins)."""
+  from filelock import FileLock
+  shared = _shared_dir(config)
+  with FileLock(os.path.join(shared, 'start.lock')):
+    marker = os.path.join(shared, 'started')
+    if os.path.exists(marker):
+      with open(marker) as f:
+        started = f.read().split()
+      missing = [n for n in names if n not in started]
+      if missing:  # started for fewer runs than asked for: the names must agree everywhere
+        raise RuntimeError(f'{shared}: shared runs {missing} were not started')
+      return
+    with open(marker, 'w') as f:
+      f.write(' '.join(names))
+    log = open(os.path.join(shared, 'demo_runs.log'), 'w')
+    subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'demo_runs.py'), shared,
+                      *names], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                     start_new_session=True)
+
+
+def _wait_for_shared_run(config, name: str, timeout_s: float = 3000) -> str:
+  """The workdir of shared run `name` once it has ended well; a failed run fails the test."""
+  shared = _shared_dir(config)
+  needed = ['demo'] if name == 'demo' else ['demo', name]
+  _start_shared_runs(config, _selected_runs(config) or needed)
+  rc_path = os.path.join(shared, f'{name}.rc')
+  deadline = time.time() + timeout_s
+  while not os.path.exists(rc_path):
+    if time.time() > deadline:
+      pytest.fail(f'shared run {name} did not end in {timeout_s} s: {shared}/demo_runs.log')
+    time.sleep(1)
+  with open(rc_path) as f:
+    rc = f.read()
+  if rc != '0':
+    with open(os.path.join(shared, f'{name}.stderr')) as f:
+      pytest.fail(f'shared run {name} failed (rc {rc}):\n{f.read()[-5000:]}')
+  return demo_runs.workdir(shared, name)
+
+
+def _selected_runs(config) -> list[str]:
+  return getattr(config, '_pplug_shared_runs', [])
 
 
 def restore_params(workdir, step):
@@ -109,16 +151,55 @@ def gcs(tmp_path_factory):
       os.environ[k] = v
 
 
-# Tests that use these fixtures run the demo end to end (minutes): the `slow` tier.
-SLOW_FIXTURES = ('demo_run', 'straight_run')
-
-
 def pytest_collection_modifyitems(config, items):
   """`slow` on every test that needs a whole demo run, so `pytest -m "not slow"` (the fast
-  tier, for development) skips them without each test saying so."""
+  tier, for development) skips them without each test saying so; those tests go last, so the
+  others run while the shared runs train in the background."""
   for item in items:
     if set(SLOW_FIXTURES) & set(getattr(item, 'fixturenames', ())):
       item.add_marker(pytest.mark.slow)
+  items.sort(key=lambda item: item.get_closest_marker('slow') is not None)  # stable
+
+
+def pytest_collection_finish(session):
+  """Starts the shared demo runs the selected tests need, before the first test runs."""
+  used = set()
+  for item in session.items:
+    used |= set(getattr(item, 'fixturenames', ())) & set(_SHARED_RUNS)
+  names = [_SHARED_RUNS[f] for f in SLOW_FIXTURES if f in used]
+  if 'straight' in names and 'demo' not in names:
+    names.insert(0, 'demo')
+  session.config._pplug_shared_runs = names
+  if names and not session.config.option.collectonly:
+    _start_shared_runs(session.config, names)
+
+
+@pytest.fixture(autouse=True)
+def _demo_run_stays_as_it_was(request):
+  """A test that uses the shared demo run may read it, never change it: any file added,
+  removed or rewritten in it fails that test (tests copy what they change)."""
+  if 'demo_run' not in request.fixturenames:
+    yield
+    return
+  root = str(request.getfixturevalue('demo_run')[0])
+  before = _tree_state(root)
+  yield
+  after = _tree_state(root)
+  changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+  assert not changed, f'the test changed the shared demo run {root}: {changed[:10]}'
+
+
+def _tree_state(root: str) -> dict[str, tuple[int, int]]:
+  """Size and mtime of every file under `root` but the lock files, which readers such as
+  export and evaluate take and give back."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      if name == '.lock':  # the workdir's and the records' locks
+        continue
+      st = os.stat(os.path.join(dirpath, name))
+      out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
+  return out
 
 
 @pytest.hookimpl(hookwrapper=True)

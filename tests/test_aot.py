@@ -143,13 +143,17 @@ def test_two_plans_at_once_beside_a_job_that_holds_the_tpu(tiny_t5, tmp_path):
   assert plan['train_step']['flops'] == other['train_step']['flops']
   assert 'ETA at peak' in results[0][0] and 'eta' not in other
   eta = plan['eta']
-  # the demo's steps: 3000 examples x (1 + 2 augmented copies) x 3 epochs over 16 x 1 per step; batches of 40
-  assert eta['train_steps'] == 3000 * 3 * 3 // 16
-  assert eta['train_s'] == pytest.approx(eta['train_steps'] *
-                                         plan['train_step']['step_time_lower_bound_s'])
-  assert eta['eval_batches'] == -(-500 // 40)
-  assert eta['precompute_s'] == pytest.approx(200000 * eta['encoder_flops_per_item'] /
-                                              (4 * 197e12))
+  # The demo's recipe on --train_examples=3000: each example and its 2 augmented copies, 3
+  # epochs, 16 examples a step: 27,000 / 16 = 1,687 whole steps. 500 eval examples in
+  # batches of 40: 13 batches, the last one ragged.
+  assert eta['train_steps'] == 1687 and eta['eval_batches'] == 13
+  # At peak (v5e: 197 TFLOP/s bf16 a chip, Google's published figure; 4 chips) every phase
+  # takes its FLOPs over 7.88e14 FLOP/s: the step's (whose count test_train_step_flops_* holds
+  # to XLA's), 200,000 items of the encoder's (test_encoder_flops_per_item_*).
+  peak = 4 * 197e12
+  assert eta['train_s'] == pytest.approx(1687 * plan['train_step']['flops'] / peak)
+  assert eta['precompute_s'] == pytest.approx(200000 * eta['encoder_flops_per_item'] / peak)
+  assert eta['eval_s'] == pytest.approx(13 * plan['generate']['flops'] / peak)
   assert plan['topology'] == 'v5e:2x2' and plan['chip'] == 'v5e' and plan['chips'] == 4
   assert plan['mesh'] == [2, 2] and plan['hbm_per_chip_gib'] == 16.0
   for name in ('train_step', 'generate'):

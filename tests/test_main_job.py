@@ -29,7 +29,7 @@ def test_demo_learns_and_beats_the_non_personalised_model(demo_run):
   assert os.path.isdir(workdir / 'best') and os.path.isdir(workdir / 'tensorboard')
 
 
-def test_demo_is_the_table1_comparison(demo_run):
+def test_demo_is_the_table1_comparison(demo_run, tmp_path):
   """Ad-hoc, BM25, Recency, Contriever (MiniLM) and PPlug on one dev split and one frozen model."""
   workdir, result, stdout = demo_run
   from pplug_jax.data import lamp
@@ -49,11 +49,11 @@ def test_demo_is_the_table1_comparison(demo_run):
     with open(workdir / 'baselines' / name / 'predictions_dev.json') as f:
       assert len(json.load(f)['golds']) == 100
   proc = subprocess.run([sys.executable, '-m', 'pplug_jax.table', f'--workdir={workdir}',
-                         f'--out={workdir}/table'], cwd=ROOT, capture_output=True, text=True,
+                         f'--out={tmp_path}/table'], cwd=ROOT, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f'**{result["dev"]["accuracy"]:.3f}**' in proc.stdout
-  assert (workdir / 'table' / 'table1.png').stat().st_size > 1000
+  assert (tmp_path / 'table' / 'table1.png').stat().st_size > 1000
 
 
 def test_sigkill_then_resume_equals_uninterrupted(demo_run, straight_run, tmp_path):
@@ -135,13 +135,22 @@ def _demo_config(workdir):
   return checkpoints.load_config(str(workdir))
 
 
-def test_evaluate_writes_every_id_once_with_a_ragged_last_batch(demo_run):
+def _evaluated_copy(demo_run, tmp_path):
+  """A copy of the demo run (the shared one stays as it is) with its dev predictions, made
+  with a ragged last batch; returns (workdir, config, metrics)."""
+  import shutil
   from pplug_jax import evaluate
-  from pplug_jax.data import lamp
-  workdir, result, _ = demo_run
+  workdir = tmp_path / 'demo_copy'
+  shutil.copytree(demo_run[0], workdir)
   config = _demo_config(workdir)
   config.train.eval_batch_size = 7  # 100 dev users: 14 full batches and a ragged one
-  metrics = evaluate.evaluate(config, str(workdir), 'dev', 'best')
+  return workdir, config, evaluate.evaluate(config, str(workdir), 'dev', 'best')
+
+
+def test_evaluate_writes_every_id_once_with_a_ragged_last_batch(demo_run, tmp_path):
+  from pplug_jax import evaluate
+  from pplug_jax.data import lamp
+  workdir, config, metrics = _evaluated_copy(demo_run, tmp_path)
   with open(workdir / 'predictions_dev.json') as f:
     preds = json.load(f)
   ids = [g['id'] for g in preds['golds']]
@@ -192,10 +201,8 @@ def test_export_then_inference_api_reproduces_the_checkpoint(demo_run, tmp_path)
                                                  for i in (0, 2) for p in ('weight', 'bias')])
 
   gen = PersonaPlugGenerator(config.llm.path, config.encoder.path, str(out))
-  if not (workdir / 'predictions_dev.json').exists():  # when run without the evaluate test
-    from pplug_jax import evaluate
-    evaluate.evaluate(config, str(workdir), 'dev', 'best')
-  with open(workdir / 'predictions_dev.json') as f:
+  evaluated, _, _ = _evaluated_copy(demo_run, tmp_path)  # this test's own predictions
+  with open(evaluated / 'predictions_dev.json') as f:
     from_checkpoint = {g['id']: g['output'] for g in json.load(f)['golds']}
   dev = lamp.load_split(config.data.lamp_dir, 'LaMP_2', 'dev')[:12]
   texts = gen.generate([e.input for e in dev], histories=[[i.text for i in
@@ -262,13 +269,15 @@ def _readme_snippet() -> str:
 
 
 def test_readme_inference_snippet_runs_as_written_on_the_demo_export(demo_run, tmp_path):
-  """The README's snippet, with only the demo workdir's path swapped in."""
+  """The README's snippet, with only the paths swapped in: the demo run's, and an export
+  outside it (the shared run is never written into)."""
   workdir, _, _ = demo_run
   proc = subprocess.run([sys.executable, '-m', 'pplug_jax.export', f'--workdir={workdir}',
-                         f'--out={workdir}/plug'], cwd=ROOT, capture_output=True, text=True,
+                         f'--out={tmp_path}/plug'], cwd=ROOT, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  code = _readme_snippet().replace('/tmp/pplug_demo', str(workdir))
+  code = _readme_snippet().replace('/tmp/pplug_demo/plug', f'{tmp_path}/plug').replace(
+      '/tmp/pplug_demo', str(workdir))
   scope: dict = {}
   exec(compile(code, 'README.md', 'exec'), scope)
   assert scope['outputs'] == ['sci-fi', 'action']  # the same prompt, each user's own genre

@@ -64,8 +64,9 @@ def test_inference_api_equals_evaluate_on_every_dev_user(setting, demo_run, tmp_
   from pplug_jax import checkpoints, evaluate, export
   from pplug_jax.inference import PersonaPlugGenerator
   config_name, flags = SETTINGS[setting]
-  if setting == 'default':
-    workdir = str(demo_run[0])
+  if setting == 'default':  # a copy: evaluate writes its predictions into the workdir
+    workdir = str(tmp_path / setting)
+    shutil.copytree(str(demo_run[0]), workdir)
   else:
     workdir = str(tmp_path / setting)
     _train(str(demo_run[0]), workdir, config_name, flags)
