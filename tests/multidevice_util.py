@@ -8,8 +8,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def with_devices(n: int) -> str:
+  """XLA_FLAGS for `n` simulated CPU devices, keeping the flags the suite already set."""
+  return f'--xla_force_host_platform_device_count={n} {os.environ.get("XLA_FLAGS", "")}'.strip()
+
+
 def run_on_8_devices(script: str, *args: str, timeout: int = 600) -> dict:
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=with_devices(8),
              JAX_PLATFORMS='cpu', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'multidevice', script),
                          *args], env=env, capture_output=True, text=True, timeout=timeout)

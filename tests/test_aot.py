@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from multidevice_util import with_devices
 from pplug_jax import aot, flops
 from pplug_jax.models import decoder, hf_weights, t5
 
@@ -209,5 +210,5 @@ for path in ({str(tiny_t5["v1.1"][0])!r}, llama):
       jax.eval_shape(lambda: abstract.init_trainable(0)))
   print('ok', type(real.llm).__name__, real.plug.persona_scale, abstract.plug.persona_scale)
 '''], check=True, cwd=ROOT, timeout=300,
-      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+      env=dict(os.environ, XLA_FLAGS=with_devices(4),
                JAX_PLATFORMS='cpu'))

@@ -11,6 +11,7 @@ import torch
 
 from configs import lamp as lamp_config
 from hf_fixtures import CHAT_TEMPLATE, save_byte_bpe_tokenizer, save_tiny_decoder
+from multidevice_util import with_devices
 from pplug_jax import evaluate, tokenizers, train
 from pplug_jax.data import lamp, synthetic
 from pplug_jax.errors import UserError
@@ -283,7 +284,7 @@ def test_the_decoder_demo_on_two_processes_equals_one_process_on_8_devices(tmp_p
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
   single, two = str(tmp_path / 'single'), str(tmp_path / 'two')
   proc = subprocess.run([sys.executable, *cmd(single)], cwd=ROOT, capture_output=True, text=True,
-                        timeout=900, env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+                        timeout=900, env=dict(env, XLA_FLAGS=with_devices(8)))
   assert proc.returncode == 0, proc.stderr[-5000:]
   with open(os.path.join(single, 'demo', 'tiny_decoder', 'config.json')) as f:
     assert json.load(f)['model_type'] == 'llama'

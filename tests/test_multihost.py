@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from multidevice_util import with_devices
 
 pytestmark = pytest.mark.slow  # real processes, each running the demo's training
 
@@ -40,7 +41,7 @@ def _env(devices=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
   if devices:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] = with_devices(devices)
   return env
 
 
