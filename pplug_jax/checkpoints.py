@@ -23,25 +23,25 @@ class CheckpointNotFound(UserError, FileNotFoundError):
   """No usable checkpoint; the message says where it looked and what to do."""
 
 
+def manager(directory: str, keep: int, barrier_prefix: str,
+            best_metric: str | None = None) -> ocp.CheckpointManager:
+  """The one way a run keeps checkpoints: the last `keep` in `directory` (local or gs://), or
+  with `best_metric` the `keep` best by that metric (larger is better). `barrier_prefix` names
+  this manager's barriers, so that two managers saving at one step over several processes do
+  not collide."""
+  best = {} if best_metric is None else dict(best_fn=lambda m: m[best_metric], best_mode='max')
+  return ocp.CheckpointManager(
+      storage.abspath(directory),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, **best,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=barrier_prefix)))
+
+
 def managers(workdir: str, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-  """The last `keep` checkpoints, and the best one by dev score.
-
-  Each manager has its own barrier names: both save at an evaluation step, and with several
-  processes orbax's barriers for the same step would otherwise collide.
-  """
-  root = storage.abspath(workdir)
-
-  def sync(prefix):
-    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
-
-  latest = ocp.CheckpointManager(os.path.join(root, 'checkpoints'),
-                                 options=ocp.CheckpointManagerOptions(
-                                     max_to_keep=keep, create=True,
-                                     multiprocessing_options=sync('latest')))
-  best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=True, best_fn=lambda m: m['score'], best_mode='max',
-      multiprocessing_options=sync('best')))
-  return latest, best
+  """The training job's: the last `keep` checkpoints, and the best one by dev score."""
+  return (manager(os.path.join(workdir, 'checkpoints'), keep, 'latest'),
+          manager(os.path.join(workdir, 'best'), 1, 'best', best_metric='score'))
 
 
 class CheckpointSaveError(UserError):

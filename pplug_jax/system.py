@@ -208,13 +208,25 @@ def load_system(config, encoder_dim: int, mesh: Mesh, abstract: bool = False) ->
   return System(mesh, rules, llm, llm_params, plug, encoder_dim, query_encoder, query_params)
 
 
+def warmup_steps(warmup_frac: float, total_steps: int) -> int:
+  """The warm-up's length, the one rounding rule of every optimiser here: the nearest whole
+  step to `warmup_frac` of the steps (Python's round), and at least one."""
+  return max(1, int(round(warmup_frac * total_steps)))
+
+
+def warmup_linear_schedule(lr: float, warmup_frac: float, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to `lr` over warmup_steps(...), then linear decay to 0 at
+  `total_steps` (transformers' get_linear_schedule_with_warmup, LaMP's WarmupLinearScheduler)."""
+  warmup = warmup_steps(warmup_frac, total_steps)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup),
+       optax.linear_schedule(lr, 0.0, max(1, total_steps - warmup))], [warmup])
+
+
 def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
   """AdamW with linear warm-up then linear decay to 0, after global-norm clipping."""
   o = config.optim
-  warmup = max(1, int(round(o.warmup_frac * total_steps)))
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, o.lr, warmup),
-       optax.linear_schedule(o.lr, 0.0, max(1, total_steps - warmup))], [warmup])
+  schedule = warmup_linear_schedule(o.lr, o.warmup_frac, total_steps)
   mask = hf_decay_mask if o.decay_mask == 'hf' else None
   tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                    optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay,

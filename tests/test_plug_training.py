@@ -1,7 +1,5 @@
 """The plug and one real train step: only the plug moves, gradients are right, no NaN."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,3 +224,32 @@ def test_non_finite_loss_stops_with_a_clear_message():
   for bad in (float('nan'), float('inf')):
     with pytest.raises(SystemExit, match='loss is (nan|inf) at step 7'):
       training._check_finite(bad, 7)
+
+
+@pytest.mark.parametrize('frac,total,warmup', [(0.05, 1687, 84), (0.05, 37, 2), (0.05, 25, 1),
+                                               (0.0, 10, 1), (0.1, 5, 1)])
+def test_one_warmup_schedule_for_the_plug_and_the_baselines(frac, total, warmup):
+  """The plug's and ROPG/RSPG's optimisers share one schedule and rounding rule, and it is
+  transformers' get_linear_schedule_with_warmup at that many warm-up steps."""
+  import torch
+  from transformers import get_linear_schedule_with_warmup
+  from pplug_jax.baselines import trainer
+  assert system_lib.warmup_steps(frac, total) == warmup
+  lr = 1e-3
+  opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=lr)
+  torch_schedule = get_linear_schedule_with_warmup(opt, warmup, total)
+  want = []
+  for _ in range(total):
+    want.append(opt.param_groups[0]['lr'])
+    opt.step()
+    torch_schedule.step()
+  ours = system_lib.warmup_linear_schedule(lr, frac, total)
+  np.testing.assert_allclose([float(ours(s)) for s in range(total)], want, rtol=1e-5, atol=1e-7 * lr)
+  # ROPG/RSPG's Adam follows the same schedule: one Adam step's size is the learning rate
+  settings = trainer.FitSettings('ropg', lr, 8, 1, frac, 1e9, 10, 0)
+  tx = trainer.optimizer(settings, total)
+  params = jnp.zeros(())
+  state = tx.init(params)
+  for s in range(min(total, 4)):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    np.testing.assert_allclose(-float(updates), want[s], rtol=1e-4, atol=1e-12)

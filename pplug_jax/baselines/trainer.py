@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from pplug_jax import checkpoints, fileio, partitioning, storage
+from pplug_jax import checkpoints, fileio, partitioning, system as system_lib
 from pplug_jax.errors import ConfigError
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
@@ -50,11 +50,9 @@ class FitSettings:
 
 
 def optimizer(settings: FitSettings, total_steps: int) -> optax.GradientTransformation:
-  """Adam with global-norm clipping, linear warm-up then linear decay to zero."""
-  warmup = int(settings.warmup_frac * total_steps)
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, settings.lr, max(warmup, 1)),
-       optax.linear_schedule(settings.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+  """Adam with global-norm clipping, linear warm-up then linear decay to zero (the schedule
+  and rounding of the plug's optimiser)."""
+  schedule = system_lib.warmup_linear_schedule(settings.lr, settings.warmup_frac, total_steps)
   return optax.chain(optax.clip_by_global_norm(settings.grad_clip), optax.adam(schedule))
 
 
@@ -89,12 +87,8 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
   replicated = partitioning.replicated(mesh)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   state = jax.device_put(state, replicated)
-  manager = ocp.CheckpointManager(
-      os.path.join(storage.abspath(run_dir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(
-              barrier_sync_key_prefix=desc)))
+  manager = checkpoints.manager(os.path.join(run_dir, 'checkpoints'), keep=1,
+                                barrier_prefix=desc)
   if manager.latest_step() is not None:
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
     logging.info('%s: resumed at step %d of %d', desc, int(state['step']), total)
