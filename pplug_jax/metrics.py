@@ -6,8 +6,11 @@ import math
 from typing import Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
-from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
+from etils import epy
+
+with epy.lazy_imports():  # rouge_score loads nltk and scipy (~1 s): only when scoring
+  from rouge_score import rouge_scorer
+  from sklearn import metrics as sk_metrics
 
 from pplug_jax.data import lamp
 
@@ -40,16 +43,16 @@ def lamp_metrics(task: str, predictions: Sequence[str], references: Sequence[str
   if spec.kind == 'classification':
     p = [_label_index(spec.labels, x) for x in predictions]
     g = [_label_index(spec.labels, x) for x in references]
-    return {'accuracy': float(accuracy_score(g, p)),
-            'f1': float(f1_score(g, p, labels=list(range(len(spec.labels))), average='macro',
-                                 zero_division=0)),
+    return {'accuracy': float(sk_metrics.accuracy_score(g, p)),
+            'f1': float(sk_metrics.f1_score(g, p, labels=list(range(len(spec.labels))),
+                                            average='macro', zero_division=0)),
             'unparseable': sum(i < 0 for i in p), 'count': n}
   if spec.kind == 'regression':
     parsed = [_rating(x.strip(), y.strip()) for x, y in zip(predictions, references)]
     p = [v for v, _ in parsed]
     g = [float(y) for y in references]
-    return {'mae': float(mean_absolute_error(g, p)),
-            'rmse': float(np.sqrt(mean_squared_error(g, p))),
+    return {'mae': float(sk_metrics.mean_absolute_error(g, p)),
+            'rmse': float(np.sqrt(sk_metrics.mean_squared_error(g, p))),
             'unparseable': sum(not ok for _, ok in parsed), 'count': n}
   scorer = rouge_scorer.RougeScorer(['rouge1', 'rougeL'])
   scores = [scorer.score(ref.strip(), pred.strip()) for pred, ref in zip(predictions, references)]

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import time
 
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2
-from tensorboardX.summary import scalar as scalar_summary
+from etils import epy
+
+with epy.lazy_imports():  # tensorboardX loads torch where it is installed (~1.4 s)
+  from tensorboardX import event_file_writer, summary
+  from tensorboardX.proto import event_pb2
 
 from pplug_jax import storage
 
@@ -27,12 +29,12 @@ class ScalarWriter:
     self._events = None
     if enabled:
       storage.makedirs(logdir, exist_ok=True)
-      self._events = EventsWriter(os.path.join(logdir, 'events'))
+      self._events = event_file_writer.EventsWriter(os.path.join(logdir, 'events'))
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
     if self._events is not None:
       self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                               summary=scalar_summary(tag, float(value))))
+                                               summary=summary.scalar(tag, float(value))))
 
   def flush(self) -> None:
     if self._events is not None:

@@ -14,7 +14,10 @@ import time
 from typing import Any, Callable
 
 import jax
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow (and the Keras it loads) takes ~4 s: only when used
+  import tensorflow as tf
 from absl import logging
 from tqdm.auto import tqdm
 

@@ -11,7 +11,10 @@ import os
 from typing import Any
 
 import jax
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow (and the Keras it loads) takes ~4 s: only when used
+  import tensorflow as tf
 
 from pplug_jax import storage
 from pplug_jax import axis_rules, partitioning

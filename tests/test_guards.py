@@ -439,6 +439,7 @@ def test_ci_runs_the_readme_test_command_with_the_constraints():
     assert cmd.count('pip install -c constraints.txt ') == 2, cmd
   # every direct dependency has an upper bound, and the constraints pin it exactly
   tomllib = pytest.importorskip('tomllib')
+  from packaging.requirements import Requirement
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)['project']
   deps = project['dependencies'] + [d for extra in project['optional-dependencies'].values()
@@ -448,5 +449,5 @@ def test_ci_runs_the_readme_test_command_with_the_constraints():
               if '==' in l and not l.startswith('#')}
   for dep in deps:
     assert '<' in dep or '==' in dep, dep
-    name = dep.split('>')[0].split('=')[0].split('<')[0].strip().lower().replace('_', '-')
+    name = Requirement(dep).name.lower().replace('_', '-')  # PEP 508: extras, markers
     assert name in pinned, name

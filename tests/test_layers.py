@@ -191,3 +191,30 @@ def test_an_import_inside_a_function_is_reported(tmp_path):
   _, in_functions = import_edges(str(tmp_path))
   assert in_functions == [f'{os.path.join(PACKAGE, "training.py")}:5: imports training inside '
                           'a function']
+
+
+# Libraries that take seconds to load: TensorFlow (with Keras, scipy, matplotlib: ~4 s),
+# torch (tensorboardX loads it where installed: ~1.4 s), rouge_score (nltk, scipy: ~1 s).
+HEAVY = ('tensorflow', 'tensorflow_datasets', 'keras', 'torch', 'nltk', 'scipy', 'sklearn',
+         'matplotlib', 'transformers')
+ENTRIES = ('train', 'evaluate', 'export', 'precompute', 'inference', 'aot', 'table', 'ablate',
+           'baselines.ropg', 'baselines.rspg', 'baselines.utility', 'baselines.__main__')
+
+
+def test_entry_modules_load_no_heavy_library_until_it_is_used():
+  """A command's flag or config error is one line in about 2 s, not 10: the heavy libraries
+  load when first used (etils' lazy imports), and a real use still loads them."""
+  import subprocess
+  import sys
+  code = (f'import importlib, sys\n'
+          f'for m in {ENTRIES!r}: importlib.import_module("{PACKAGE}." + m)\n'
+          f'print(sorted(h for h in {HEAVY!r} if h in sys.modules))\n'
+          f'from {PACKAGE} import metrics\n'
+          f'from {PACKAGE}.data import records\n'
+          f'metrics.lamp_metrics("LaMP_4", ["a b"], ["a c"])\n'
+          f'metrics.lamp_metrics("LaMP_3", ["3"], ["4"]); records.parse_fn(4, "float32")\n'
+          f'print(sorted(h for h in ("tensorflow", "nltk", "sklearn") if h in sys.modules))\n')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split('\n')[:2] == ['[]', "['nltk', 'sklearn', 'tensorflow']"]

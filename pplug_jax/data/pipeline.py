@@ -16,7 +16,10 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow (and the Keras it loads) takes ~4 s: only when used
+  import tensorflow as tf
 
 from pplug_jax.data import buckets as buckets_lib
 from pplug_jax.data import records
@@ -225,13 +228,11 @@ def _parsed(files: list[str], meta: dict[str, Any], bucket_of: Any = None,
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
-_LENGTH_SPEC = {'input_ids': tf.io.VarLenFeature(tf.int64),
-                'target_ids': tf.io.VarLenFeature(tf.int64),
-                'history_length': tf.io.FixedLenFeature([], tf.int64)}
-
-
 def _lengths(serialized: tf.Tensor) -> tf.Tensor:
-  ex = tf.io.parse_single_example(serialized, _LENGTH_SPEC)
+  spec = {'input_ids': tf.io.VarLenFeature(tf.int64),
+          'target_ids': tf.io.VarLenFeature(tf.int64),
+          'history_length': tf.io.FixedLenFeature([], tf.int64)}
+  ex = tf.io.parse_single_example(serialized, spec)
   return tf.stack([tf.size(ex['input_ids'].values, tf.int32),
                    tf.size(ex['target_ids'].values, tf.int32),
                    tf.cast(ex['history_length'], tf.int32)])

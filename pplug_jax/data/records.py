@@ -12,7 +12,10 @@ import struct
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow (and the Keras it loads) takes ~4 s: only when used
+  import tensorflow as tf
 
 from pplug_jax import fileio, storage
 from pplug_jax.errors import ConfigError
@@ -51,26 +54,29 @@ def serialize_example(*, example_id: str, input_ids: Sequence[int], target_ids: 
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
 
-_SPEC = {
-    'id': tf.io.FixedLenFeature([], tf.string),
-    'input_ids': tf.io.VarLenFeature(tf.int64),
-    'target_ids': tf.io.VarLenFeature(tf.int64),
-    'target_text': tf.io.FixedLenFeature([], tf.string),
-    'query_embedding': tf.io.FixedLenFeature([], tf.string),
-    'query_encoder_ids': tf.io.VarLenFeature(tf.int64),
-    'history_embeddings': tf.io.FixedLenFeature([], tf.string),
-    'history_length': tf.io.FixedLenFeature([], tf.int64),
-    'history_dates': tf.io.VarLenFeature(tf.string),
-    'history_item_ids': tf.io.VarLenFeature(tf.string),
-}
+def _spec() -> dict:
+  """The feature spec of a record (built on first use: TensorFlow loads lazily)."""
+  return {
+      'id': tf.io.FixedLenFeature([], tf.string),
+      'input_ids': tf.io.VarLenFeature(tf.int64),
+      'target_ids': tf.io.VarLenFeature(tf.int64),
+      'target_text': tf.io.FixedLenFeature([], tf.string),
+      'query_embedding': tf.io.FixedLenFeature([], tf.string),
+      'query_encoder_ids': tf.io.VarLenFeature(tf.int64),
+      'history_embeddings': tf.io.FixedLenFeature([], tf.string),
+      'history_length': tf.io.FixedLenFeature([], tf.int64),
+      'history_dates': tf.io.VarLenFeature(tf.string),
+      'history_item_ids': tf.io.VarLenFeature(tf.string),
+  }
 
 
 def parse_fn(dim: int, embedding_dtype: str):
   """Returns a tf function: serialized example -> dict of variable-length tensors."""
   tf_dtype = tf.as_dtype(embedding_dtype)
+  spec = _spec()
 
   def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    ex = tf.io.parse_single_example(serialized, _SPEC)
+    ex = tf.io.parse_single_example(serialized, spec)
     out = {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
            for k, v in ex.items()}
     out['query_embedding'] = tf.cast(tf.io.decode_raw(out['query_embedding'], tf_dtype,
