@@ -285,7 +285,7 @@ def _demo(c, decoder: bool = False):
   c.rspg.update(lr=5e-5, batch_size=8, epochs=1, max_length=96, checkpoint_every=20)
   c.demo_model = ml_collections.ConfigDict(dict(
       family='t5', d_model=64, num_heads=4, d_kv=16, d_ff=128, num_layers=2, pretrain_steps=500,
-      pretrain_lr=3e-3))
+      pretrain_lr=3e-3, pretrain_batch_size=32))
   c.encoder.update(ENCODERS['minilm'])
   c.llm.name = 'demo-tiny-t5-byte'
   c.llm.tokenizer = 'byte'
@@ -320,4 +320,5 @@ def _demo(c, decoder: bool = False):
     # that is not in its prompt, so no soft token can make it answer (README, issue 33's table)
     c.demo_model = ml_collections.ConfigDict(dict(
         family='llama', hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
-        intermediate_size=384, num_layers=4, pretrain_steps=500, pretrain_lr=3e-3))
+        intermediate_size=384, num_layers=4, pretrain_steps=500, pretrain_lr=3e-3,
+        pretrain_batch_size=32))

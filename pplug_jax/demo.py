@@ -20,7 +20,7 @@ from flax import linen as nn
 from absl import logging
 
 from pplug_jax import storage
-from pplug_jax import fileio, partitioning, tokenizers
+from pplug_jax import fileio, partitioning, steploop, tokenizers
 from pplug_jax.errors import ConfigError
 from pplug_jax.baselines import rag_prompt, rank_profile
 from pplug_jax.data import lamp, synthetic
@@ -200,26 +200,35 @@ def _padded(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]
 
 def _fit(config, loss_fn: Callable, params: dict, data: tuple[np.ndarray, ...],
          name: str) -> tuple[dict, Any]:
-  """AdamW (warm-up, cosine) on random batches of 32 rows of `data`: the tiny base's fitting."""
+  """AdamW (warm-up, cosine) on random batches of `demo_model.pretrain_batch_size` rows of
+  `data`, through the trainers' step loop: the tiny base's fitting (its own recipe, not a PPlug
+  trainer's; no checkpoints: it takes seconds)."""
   m = config.demo_model
   warmup = min(20, m.pretrain_steps // 2)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, m.pretrain_lr, warmup,
                                                       max(m.pretrain_steps, warmup + 1)))
-  opt = tx.init(params)
 
   @jax.jit
-  def step(p, o, *batch):
+  def step(state, batch):
+    p, o = state
     loss, g = jax.value_and_grad(loss_fn)(p, *batch)
     u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, loss
+    return (optax.apply_updates(p, u), o), loss
 
-  order = np.random.default_rng(config.seed)
-  bs = 32
-  loss = float('nan')  # pretrain_steps=0 keeps the random initialisation
-  for i in range(m.pretrain_steps):
-    rows = order.integers(0, len(data[0]), bs)
-    params, opt, loss = step(params, opt, *(x[rows] for x in data))
-    if i % 100 == 0 or i == m.pretrain_steps - 1:
-      logging.info('demo: fitting the tiny base %s (plain and RAG inputs, no persona), step %d, '
-                   'loss %.4f', name, i, float(loss))
-  return params, loss
+  def batches():
+    order = np.random.default_rng(config.seed)
+    while True:
+      rows = order.integers(0, len(data[0]), m.pretrain_batch_size)
+      yield tuple(x[rows] for x in data)
+
+  last = {'loss': float('nan')}  # pretrain_steps=0 keeps the random initialisation
+
+  def log(step, state, loss):
+    last['loss'] = loss
+    logging.info('demo: fitting the tiny base %s (plain and RAG inputs, no persona), step %d, '
+                 'loss %.4f', name, step, float(loss))
+
+  (params, _), _ = steploop.run_steps(
+      step, (params, tx.init(params)), batches(), start=0, total=m.pretrain_steps,
+      desc=f'demo: fitting the tiny {name}', hooks=(steploop.Every(100, log),))
+  return params, last['loss']

@@ -8,6 +8,7 @@ kept in DIR/best.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -19,10 +20,9 @@ from etils import epy
 with epy.lazy_imports():  # TensorFlow (and the Keras it loads) takes ~4 s: only when used
   import tensorflow as tf
 from absl import logging
-from tqdm.auto import tqdm
 
 from pplug_jax import (checkpoints, demo, fileio, flops as flops_lib, generation, partitioning,
-                       precompute, storage, system as system_lib, validation)
+                       precompute, steploop, storage, system as system_lib, validation)
 from pplug_jax.scalars import ScalarWriter
 from pplug_jax.data import lamp, pipeline, records
 from pplug_jax.errors import ConfigError, RecordsError, WorkdirError
@@ -136,9 +136,54 @@ def train_and_evaluate(config, workdir: str,
     return _train_and_evaluate(config, workdir, after_training)
 
 
+@dataclasses.dataclass
+class _Setup:
+  """What set-up makes: checked inputs, records, mesh, the loaded system and the optimiser."""
+  records_path: str
+  task_spec: Any
+  mesh: Any
+  system: Any
+  n_train: int
+  total_steps: int
+  tx: Any
+  schedule: Callable[[int], Any]
+
+
+@dataclasses.dataclass
+class _Compiled:
+  """What compile-or-restore makes: a compiled step per bucket shape, its FLOPs, the state
+  (restored or new) and the checkpoint managers."""
+  steps_by_shape: dict
+  step_flops: dict
+  plan: Any
+  peak: float
+  state: Any
+  start_step: int
+  manager: Any
+  best: Any
+  saves: checkpoints.SaveWatch
+
+
 def _train_and_evaluate(config, workdir: str,
                         after_training: AfterTraining | None) -> dict[str, Any]:
-  # ---------------------------------------------------------------- set-up
+  setup = _set_up(config, workdir)
+  compiled = _compile_or_restore(config, workdir, setup)
+  generator = generation.SplitGenerator(setup.system, config)  # compiled once, for every eval
+
+  def evaluate(trainable, persona=True, desc='dev'):
+    out = generator.generate_split(trainable, setup.records_path, 'dev',
+                                   config.train.eval_batch_size, persona=persona,
+                                   max_batches=config.train.max_eval_batches, desc=desc)
+    return generation.score(setup.task_spec.name, out)
+
+  state, step, last_eval, train_seconds = _loop(config, workdir, setup, compiled, evaluate)
+  return _finish(config, workdir, setup, compiled, evaluate, after_training, state, step,
+                 last_eval, train_seconds)
+
+
+def _set_up(config, workdir: str) -> _Setup:
+  """Checks the inputs, makes or checks the records, saves the config, loads the system and
+  counts the steps."""
   if config.demo:
     demo.prepare(config, workdir)
   validation.refuse(input_problems(config, workdir))  # the demo's, now made
@@ -150,20 +195,14 @@ def _train_and_evaluate(config, workdir: str,
   if partitioning.is_main_process():
     checkpoints.save_config(workdir, config)
   meta = prepare_records(config, workdir, records_path)
-  task_spec = lamp.task_spec(config.task)
   mesh = partitioning.make_mesh(config.mesh_shape)
   logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
-
-  # ---------------------------------------------------------------- model
   system = system_lib.load_system(config, meta['fingerprint']['dim'], mesh)
   logging.info('Backbone %s: %d frozen params; persona scale %.3f, instruction scale %.3f',
                config.llm.name, plug_lib.count_params(system.llm_params),
                system.plug.persona_scale, system.plug.instruction_scale)
-
-  # ---------------------------------------------------------------- steps and optimizer
-  micro, accum = config.optim.batch_size, config.optim.grad_accum
-  per_step = micro * accum
+  per_step = config.optim.batch_size * config.optim.grad_accum
   n_train = pipeline.num_train_examples(config, records_path)
   total_steps = config.optim.max_steps if config.optim.max_steps > 0 else \
       (n_train * config.optim.epochs) // per_step
@@ -172,15 +211,21 @@ def _train_and_evaluate(config, workdir: str,
                       f'of {per_step} examples; lower config.optim.batch_size or '
                       'config.optim.grad_accum.')
   tx, schedule = system_lib.build_optimizer(config, total_steps)
+  return _Setup(records_path, lamp.task_spec(config.task), mesh, system, n_train, total_steps,
+                tx, schedule)
 
-  # ---------------------------------------------------------------- state: init or resume
-  init_state = system_lib.init_state_fn(system, tx, config.seed)
+
+def _compile_or_restore(config, workdir: str, setup: _Setup) -> _Compiled:
+  """Compiles every bucket's step up front (no compile after the start), then restores the
+  latest checkpoint or initialises the state."""
+  system = setup.system
+  init_state = system_lib.init_state_fn(system, setup.tx, config.seed)
   abstract = jax.eval_shape(init_state)
-  plan = pipeline.train_buckets(config, records_path, config.data.num_streams)
-  steps_by_shape = {}  # every bucket's step compiled up front: no compile after the start
+  plan = pipeline.train_buckets(config, setup.records_path, config.data.num_streams)
+  steps_by_shape = {}
   for shape, share in zip(plan[0].shapes, plan[1]):
     compiled, state_sharding, _ = system_lib.compile_train_step(
-        system, tx, abstract, config, shape)
+        system, setup.tx, abstract, config, shape)
     steps_by_shape[shape] = compiled
     mem = system_lib.memory_summary(compiled)
     logging.info('Train step for input x target length %d x %d (%.1f%% of the steps) compiled; '
@@ -195,7 +240,6 @@ def _train_and_evaluate(config, workdir: str,
   logging.info('MFU is against %s per device (%s)',
                f'{peak / 1e12:.2f} TFLOP/s' if peak else 'no peak', peak_source)
   manager, best = checkpoints.managers(workdir, config.train.keep_checkpoints)
-  saves = checkpoints.SaveWatch(manager, best)
   latest = manager.latest_step()
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -206,160 +250,133 @@ def _train_and_evaluate(config, workdir: str,
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)()
   # One global batch per step, so the data position is the step: a resume skips that many.
-  start_step = int(state['step'])
+  return _Compiled(steps_by_shape, step_flops, plan, peak, state, int(state['step']), manager,
+                   best, checkpoints.SaveWatch(manager, best))
 
-  # ---------------------------------------------------------------- evaluation
-  generator = generation.SplitGenerator(system, config)  # compiled once, reused by every eval
 
-  def evaluate(trainable, persona=True, desc='dev'):
-    out = generator.generate_split(trainable, records_path, 'dev', config.train.eval_batch_size,
-                                   persona=persona, max_batches=config.train.max_eval_batches,
-                                   desc=desc)
-    return generation.score(task_spec.name, out)
+def _loop(config, workdir: str, setup: _Setup, compiled: _Compiled,
+          evaluate: Callable) -> tuple[Any, int, dict, float]:
+  """The steps, with the hooks: the loss checked, throughput and MFU logged, dev evaluated and
+  the best kept, checkpoints saved. Returns the state, the step, the last dev metrics and the
+  seconds of training alone (evaluations and saves left out)."""
+  system, mesh, total_steps = setup.system, setup.mesh, setup.total_steps
+  task_spec, start_step = setup.task_spec, compiled.start_step
+  micro, accum = config.optim.batch_size, config.optim.grad_accum
+  per_step = micro * accum
+  main_process = partitioning.is_main_process()
+  writer = ScalarWriter(os.path.join(workdir, 'tensorboard'), enabled=main_process)
+  batches = pipeline.train_batches(config, setup.records_path, per_step // jax.process_count(),
+                                   skip_batches=start_step, accum=accum, plan=compiled.plan)
+  logging.info('Training %d steps (%d examples per epoch incl. augmentation, %d per step) from '
+               'step %d', total_steps, setup.n_train, per_step, start_step)
+  profiler = steploop.Profiler(config.train.profile_steps, os.path.join(workdir, 'profile'))
+  profiler.check_reachable(start_step, total_steps)
+  # seen examples, model FLOPs, real tokens, seconds paused, the step whose loss is unchecked
+  tally = {'seen': 0, 'flops': 0.0, 'tokens': 0, 'paused': 0.0, 'pending': None, 'eval': {}}
+  t0 = time.time()
+
+  def step_fn(state, batch):
+    micro_batches = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}
+    global_batch = partitioning.to_global(micro_batches, mesh, system.rules, leading=1)
+    shape = (batch['input_ids'].shape[-1], batch['target_ids'].shape[-1])
+    state, metrics = compiled.steps_by_shape[shape](state, system.llm_params, global_batch)
+    # real (unpadded) input and target tokens of this process's batch; over several processes
+    # an estimate (x processes: their batches are alike in size, not in padding)
+    tokens = int(batch['input_mask'].sum() + batch['target_mask'].sum()) * jax.process_count()
+    return state, (metrics, shape, tokens)
+
+  def account(step, state, outputs):
+    metrics, shape, tokens = outputs
+    if tally['pending'] is not None:  # the previous step's loss, without stalling this one
+      _check_finite(*tally['pending'])
+    tally['pending'] = (metrics['loss'], step)
+    tally['seen'] += per_step
+    tally['flops'] += compiled.step_flops[shape]
+    tally['tokens'] += tokens
+
+  def log(step, state, outputs):
+    loss = float(outputs[0]['loss'])
+    _check_finite(loss, step)
+    elapsed = time.time() - t0 - tally['paused']  # training alone
+    rate = tally['seen'] / elapsed
+    eta = (total_steps - step) * per_step / max(rate, 1e-9)
+    lr = float(setup.schedule(step))
+    tflops = tally['flops'] / elapsed / jax.device_count() / 1e12  # model TFLOP/s per device
+    peak = compiled.peak
+    mfu = f' MFU {100 * tflops * 1e12 / peak:.1f}%' if peak else ''
+    logging.info('step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f examples/s %.0f tokens/s '
+                 '%.3f TFLOP/s/device%s ETA %.0fs', step, total_steps, loss, lr,
+                 float(outputs[0]['grad_norm']), rate, tally['tokens'] / elapsed, tflops, mfu,
+                 eta)
+    writer.add_scalar('train/loss', loss, step)
+    writer.add_scalar('train/lr', lr, step)
+    writer.add_scalar('train/examples_per_second', rate, step)
+    writer.add_scalar('train/tokens_per_second', tally['tokens'] / elapsed, step)
+    writer.add_scalar('train/model_tflops_per_device', tflops, step)
+    if peak:
+      writer.add_scalar('train/mfu', tflops * 1e12 / peak, step)
 
   def score_of(m):  # larger is better, for the best checkpoint
     return m[task_spec.main_metric] if task_spec.metric_mode == 'max' else -m[task_spec.main_metric]
 
-  # ---------------------------------------------------------------- train loop
-  main_process = partitioning.is_main_process()
-  writer = ScalarWriter(os.path.join(workdir, 'tensorboard'), enabled=main_process)
-  local_batch = per_step // jax.process_count()
-  batches = pipeline.train_batches(config, records_path, local_batch, skip_batches=start_step,
-                                   accum=accum, plan=plan)
-  logging.info('Training %d steps (%d examples per epoch incl. augmentation, %d per step) from '
-               'step %d', total_steps, n_train, per_step, start_step)
-  bar = tqdm(total=total_steps, initial=start_step, desc='train', unit='step', mininterval=5,
-             disable=not main_process)
-  t0, seen, pending, last_eval = time.time(), 0, None, {}
-  done_flops, tokens, paused = 0.0, 0, 0.0
-  profiler = _Profiler(config.train.profile_steps, os.path.join(workdir, 'profile'))
-  profiler.check_reachable(start_step, total_steps)
-  step = start_step
-  try:
-    while step < total_steps:
-      profiler.before(step)
-      try:
-        batch = next(batches)
-      except StopIteration:  # the data repeats endlessly, so only empty shards can end it
-        raise RecordsError(f'{records_path}: process {jax.process_index()} has no training '
-                           'examples in its shard files; make the records with more examples than '
-                           'config.data.num_shards.') from None
-      micro_batches = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}
-      global_batch = partitioning.to_global(micro_batches, mesh, system.rules, leading=1)
-      shape = (batch['input_ids'].shape[-1], batch['target_ids'].shape[-1])
-      state, metrics = steps_by_shape[shape](state, system.llm_params, global_batch)
-      if pending is not None:  # check the previous step's loss without stalling this one
-        _check_finite(*pending)
-      saves.check(step)  # a failed save stops the run here, not an interval later
-      step += 1
-      seen += per_step
-      done_flops += step_flops[shape]
-      # real (unpadded) input and target tokens of this process's batch; over several processes
-    # an estimate (x processes: their batches are alike in size, not in padding)
-      tokens += int(batch['input_mask'].sum() + batch['target_mask'].sum()) * jax.process_count()
-      profiler.after(step, state)
-      pending = (metrics['loss'], step)
-      bar.update(1)
-      if _is_due(step, config.train.log_every, total_steps):
-        loss = float(metrics['loss'])
-        _check_finite(loss, step)
-        elapsed = time.time() - t0 - paused  # training alone: evaluations and saves left out
-        rate = seen / elapsed
-        eta = (total_steps - step) * per_step / max(rate, 1e-9)
-        lr = float(schedule(step))
-        tflops = done_flops / elapsed / jax.device_count() / 1e12  # model TFLOP/s per device
-        mfu = f' MFU {100 * tflops * 1e12 / peak:.1f}%' if peak else ''
-        logging.info('step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f examples/s %.0f tokens/s '
-                     '%.3f TFLOP/s/device%s ETA %.0fs', step, total_steps, loss, lr,
-                     float(metrics['grad_norm']), rate, tokens / elapsed, tflops, mfu, eta)
-        writer.add_scalar('train/loss', loss, step)
-        writer.add_scalar('train/lr', lr, step)
-        writer.add_scalar('train/examples_per_second', rate, step)
-        writer.add_scalar('train/tokens_per_second', tokens / elapsed, step)
-        writer.add_scalar('train/model_tflops_per_device', tflops, step)
-        if peak:
-          writer.add_scalar('train/mfu', tflops * 1e12 / peak, step)
-      if _is_due(step, config.train.eval_every, total_steps):
-        began = time.time()
-        last_eval = evaluate(state['params'])
-        logging.info('step %d dev: %s', step, _fmt(last_eval))
-        for k, v in last_eval.items():
-          writer.add_scalar(f'dev/{k}', v, step)
-        writer.flush()
-        saves.save(best, step,
-                   args=checkpoints.save_args(state, {'step': step, 'dev': last_eval}),
-                   metrics={'score': float(score_of(last_eval))})
-        paused += time.time() - began
-      if _is_due(step, config.train.checkpoint_every, total_steps):
-        began = time.time()
-        writer.flush()  # the scalars up to a checkpoint outlive a kill
-        saves.save(manager, step,
-                   args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
-        paused += time.time() - began
-    profiler.close(state)  # the traced steps' device work ends inside the trace
-  finally:
-    profiler.close(None)  # a trace begun is ended, even when a step fails
-    bar.close()  # and an error is printed below the bar, not inside it
-    # tf.data's readers end now, not at interpreter exit (where TF prints a warning below
-    # the error line)
-    batches.close()
-    writer.close()  # the scalars so far are kept, whatever ended the loop
-  if pending is not None:
-    _check_finite(*pending)
-  train_seconds = time.time() - t0 - paused  # this run's steps, evaluations and saves left out
-  saves.wait(step)
+  def evaluate_and_keep_best(step, state, outputs):
+    began = time.time()
+    tally['eval'] = evaluate(state['params'])
+    logging.info('step %d dev: %s', step, _fmt(tally['eval']))
+    for k, v in tally['eval'].items():
+      writer.add_scalar(f'dev/{k}', v, step)
+    writer.flush()
+    compiled.saves.save(compiled.best, step,
+                        args=checkpoints.save_args(state, {'step': step, 'dev': tally['eval']}),
+                        metrics={'score': float(score_of(tally['eval']))})
+    tally['paused'] += time.time() - began
 
+  def checkpoint(step, state, outputs):
+    began = time.time()
+    writer.flush()  # the scalars up to a checkpoint outlive a kill
+    compiled.saves.save(compiled.manager, step,
+                        args=checkpoints.save_args(state, {'step': step, 'seed': config.seed}))
+    tally['paused'] += time.time() - began
+
+  def exhausted():  # the data repeats endlessly, so only empty shards can end it
+    return RecordsError(f'{setup.records_path}: process {jax.process_index()} has no training '
+                        'examples in its shard files; make the records with more examples '
+                        'than config.data.num_shards.')
+
+  hooks = (steploop.Every(1, account), steploop.Every(config.train.log_every, log),
+           steploop.Every(config.train.eval_every, evaluate_and_keep_best),
+           steploop.Every(config.train.checkpoint_every, checkpoint))
+  try:
+    state, step = steploop.run_steps(step_fn, compiled.state, batches, start=start_step,
+                                     total=total_steps, desc='train', hooks=hooks,
+                                     saves=compiled.saves, profiler=profiler,
+                                     exhausted=exhausted)
+  finally:
+    writer.close()  # the scalars so far are kept, whatever ended the loop
+  if tally['pending'] is not None:
+    _check_finite(*tally['pending'])
+  train_seconds = time.time() - t0 - tally['paused']  # this run's steps alone
+  compiled.saves.wait(step)
+  return state, step, tally['eval'], train_seconds
+
+
+def _finish(config, workdir: str, setup: _Setup, compiled: _Compiled, evaluate: Callable,
+            after_training: AfterTraining | None, state: Any, step: int, last_eval: dict,
+            train_seconds: float) -> dict[str, Any]:
+  """The final dev metrics (and the persona-zeroed ablation), the experiment after training,
+  and train_result.json."""
   result = {'step': step, 'dev': last_eval or evaluate(state['params'])}
-  if step > start_step:  # the step time of this run (a resumed one: of its own steps)
-    result['train_ms_per_step'] = 1000 * train_seconds / (step - start_step)
+  if step > compiled.start_step:  # the step time of this run (a resumed one: of its own steps)
+    result['train_ms_per_step'] = 1000 * train_seconds / (step - compiled.start_step)
   if config.train.get('eval_persona_zeroed', False):  # the ablation: what the history adds
     result['dev_persona_zeroed'] = evaluate(state['params'], persona=False,
                                             desc='dev, persona zeroed')
   if after_training is not None:
-    result.update(after_training(config, workdir, system.mesh, evaluate, state['params'],
+    result.update(after_training(config, workdir, setup.system.mesh, evaluate, state['params'],
                                  result['dev']))
-  if main_process:
+  if partitioning.is_main_process():
     fileio.write_json(os.path.join(workdir, 'train_result.json'), result)
   return result
-
-
-class _Profiler:
-  """A jax.profiler trace of the steps after `start` up to `stop` (config.train.profile_steps)
-  in `logdir`, for TensorBoard's profile tab or Perfetto; each process writes its own."""
-
-  def __init__(self, steps: tuple[int, ...], logdir: str):
-    self.start, self.stop = tuple(steps) or (-1, -1)
-    self.logdir, self.active = logdir, False
-
-  def before(self, step: int) -> None:
-    if self.start <= step < self.stop and not self.active:
-      jax.profiler.start_trace(self.logdir)
-      self.active = True
-      logging.info('Profiling steps %d to %d into %s', step + 1, self.stop, self.logdir)
-
-  def check_reachable(self, first_step: int, total_steps: int) -> None:
-    """Says so when no step this run makes falls in the window (resumed past it, or too few)."""
-    if self.stop > 0 and (self.stop <= first_step or self.start >= total_steps):
-      logging.warning('config.train.profile_steps=(%d, %d): this run makes steps %d to %d, so '
-                      'nothing is traced.', self.start, self.stop, first_step + 1, total_steps)
-
-  def after(self, step: int, state: Any) -> None:
-    if self.active and step >= self.stop:
-      self.close(state)
-
-  def close(self, state: Any) -> None:
-    """Ends the trace; with `state`, after the traced steps' device work has finished."""
-    if self.active:
-      if state is not None:
-        jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      self.active = False
-
-
-def _is_due(step: int, every: int, total: int) -> bool:
-  """Whether a periodic action (log, evaluate, checkpoint) runs after `step`: every `every`
-  steps, and always after the last."""
-  return step % every == 0 or step == total
 
 
 def _check_finite(loss, step: int) -> None:

@@ -89,6 +89,10 @@ def _problems_of_values(c) -> list[str]:
   need(not c.get('demo_ablations', False) or c.demo, 'demo_ablations',
        'is the demo\'s study (configs/lamp.py:demo); on your own data run python -m '
        'pplug_jax.ablate --study variants')
+  if c.demo and 'demo_model' in c:  # the tiny base's fitting, before any of the demo's work
+    positive('demo_model.pretrain_lr', 'demo_model.pretrain_batch_size')
+    need(isinstance(c.demo_model.pretrain_steps, int) and c.demo_model.pretrain_steps >= 0,
+         'demo_model.pretrain_steps', 'must be >= 0 (0 keeps the random initialisation)')
   for key in c.get('resumable_keys', ()):
     need(_has_key(c, key), 'resumable_keys',
          f'marks {key!r}, which this config does not have (configs/lamp.py sets this list)')

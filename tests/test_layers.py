@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         'models.known_configs', 'models.layers', 'models.numerics', 'models.plug',
         'models.stack', 'models.t5', 'models.text_encoder')),
     ('system: assembly, optimisation, steps, the config check', (
-        'system', 'flops', 'validation')),
+        'system', 'flops', 'validation', 'steploop')),
     ('generation', ('decoding', 'generation')),
     ("command plumbing: the demo's inputs and cli (which knows no job)", ('demo', 'cli')),
     ('jobs', (

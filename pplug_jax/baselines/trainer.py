@@ -22,9 +22,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from tqdm.auto import tqdm
 
-from pplug_jax import checkpoints, fileio, partitioning, system as system_lib
+from pplug_jax import checkpoints, fileio, partitioning, steploop, system as system_lib
 from pplug_jax.errors import ConfigError
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
@@ -103,27 +102,23 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
     return {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
             'step': state['step'] + 1}, loss
 
+  def batches(step: int):
+    while True:
+      epoch, offset = divmod(step, steps_per_epoch)
+      rows = epoch_order(settings.seed, epoch, n)[offset * settings.batch_size:
+                                                  (offset + 1) * settings.batch_size]
+      yield {k: partitioning.global_from_host(mesh, rules, v[rows]) for k, v in data.items()}
+      step += 1
+
   losses: list[jax.Array] = []  # read back once at the end: no host sync per step
-  step = int(state['step'])
   start = time.time()
-  bar = tqdm(total=total, initial=step, desc=desc, unit='step', mininterval=5,
-             disable=jax.process_index() > 0)
-  while step < total:
-    epoch, offset = divmod(step, steps_per_epoch)
-    rows = epoch_order(settings.seed, epoch, n)[offset * settings.batch_size:
-                                                (offset + 1) * settings.batch_size]
-    batch = {k: partitioning.global_from_host(mesh, rules, v[rows]) for k, v in data.items()}
-    state, loss = train_step(state, batch)
-    saves.check(step)  # a failed save stops the run here
-    step += 1
-    losses.append(loss)
-    bar.update(1)
-    if step % 10 == 0 or step == total:
-      bar.set_postfix(loss=f'{float(loss):.4f}')
-    if step % settings.checkpoint_every == 0 or step == total:
-      saves.save(manager, step, args=ocp.args.StandardSave(state))
+  state, step = steploop.run_steps(
+      train_step, state, batches(int(state['step'])), start=int(state['step']), total=total,
+      desc=desc, saves=saves, loss_of=lambda loss: loss, show_loss_every=10,
+      hooks=(steploop.Every(1, lambda step, state, loss: losses.append(loss)),
+             steploop.Every(settings.checkpoint_every, lambda step, state, _: saves.save(
+                 manager, step, args=ocp.args.StandardSave(state)))))
   saves.wait(step)
-  bar.close()
   logging.info('%s: %d steps (%d epochs of %d examples) in %.1fs', desc, total, settings.epochs,
                n, time.time() - start)
   return jax.device_get(state['params']), [float(x) for x in jax.device_get(losses)]
