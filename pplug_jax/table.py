@@ -28,15 +28,6 @@ from pplug_jax.errors import UserError
 
 COLUMNS = ('Ad-hoc', 'BM25', 'Recency', 'Contriever', 'Random', 'ROPG-RL', 'ROPG-KD', 'RSPG-Pre',
            'RSPG-Post', 'PPlug')
-METRICS = {  # task -> (metric key, label, higher is better)
-    'LaMP_1': (('accuracy', 'Accuracy', True),),
-    'LaMP_2': (('accuracy', 'Accuracy', True), ('f1', 'F1', True)),
-    'LaMP_3': (('mae', 'MAE', False), ('rmse', 'RMSE', False)),
-    'LaMP_4': (('rouge-1', 'ROUGE-1', True), ('rouge-L', 'ROUGE-L', True)),
-    'LaMP_5': (('rouge-1', 'ROUGE-1', True), ('rouge-L', 'ROUGE-L', True)),
-    'LaMP_6': (('rouge-1', 'ROUGE-1', True), ('rouge-L', 'ROUGE-L', True)),
-    'LaMP_7': (('rouge-1', 'ROUGE-1', True), ('rouge-L', 'ROUGE-L', True)),
-}
 # The paper's Table 1 (FlanT5-XXL, LaMP user split, dev), in COLUMNS order without 'Random'.
 PAPER = {
     ('LaMP_1', 'accuracy'): (0.498, 0.629, 0.639, 0.641, 0.682, 0.676, 0.672, 0.670, 0.680),
@@ -137,7 +128,7 @@ def markdown(found: dict[Row, dict[str, dict]], paper: bool = False) -> str:
   lines = ['| Dataset | Backbone | Metric | ' + ' | '.join(columns) + ' |',
            '|---|---|---|' + '---|' * len(columns)]
   for task, backbone in sorted(found):
-    for key, label, higher in METRICS[task]:
+    for key, label, higher in lamp.task_spec(task).table_metrics:
       methods = found[(task, backbone)]
       values = {c: methods[c].get(key) for c in columns if c in methods}
       present = [v for v in values.values() if v is not None]
@@ -166,7 +157,8 @@ def figure(found: dict[Row, dict[str, dict]], paper: bool = False,
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   several = len({b for _, b in found}) > 1
-  rows = [(row, key, label) for row in sorted(found) for key, label, _ in METRICS[row[0]]]
+  rows = [(row, key, label) for row in sorted(found)
+          for key, label, _ in lamp.task_spec(row[0]).table_metrics]
   columns = columns or _order({c for methods in found.values() for c in methods})
   fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(rows) * len(columns) / 4 + 4), 4.5))
   width = 0.8 / max(len(columns), 1)
@@ -241,7 +233,7 @@ def read_ablations(workdir: str) -> tuple[str, dict[str, dict]]:
 def ablations_markdown(task: str, variants: dict[str, dict]) -> str:
   """One row per variant: its changed keys, its dev metrics (the best bold) and the change of
   the task's main metric against full PPlug."""
-  metrics = METRICS[task]
+  metrics = lamp.task_spec(task).table_metrics
   main_key = metrics[0][0]
   full = variants.get('full', {}).get('dev', {}).get(main_key)
   lines = ['| Variant | Changed keys | ' + ' | '.join(f'{label} {"↑" if hi else "↓"}'

@@ -19,7 +19,7 @@ with epy.lazy_imports():  # TensorFlow (and the Keras it loads) takes ~4 s: only
 from pplug_jax import storage
 from pplug_jax import axis_rules, partitioning
 from pplug_jax.baselines.retrieval import METHODS as RETRIEVAL_METHODS
-from pplug_jax.data import buckets, lamp, pipeline, records
+from pplug_jax.data import buckets, lamp, pipeline, records, tasks
 from pplug_jax.errors import ConfigError
 from pplug_jax.models import bert, numerics, plug as plug_lib, t5
 
@@ -55,7 +55,7 @@ def _problems_of_values(c) -> list[str]:
   try:
     lamp.task_spec(c.task)
   except lamp.LampError:
-    p.append(f'config.task={c.task!r}: use one of {sorted(lamp.TASKS)}.')
+    p.append(f'config.task={c.task!r}: use one of {sorted(tasks.TASKS)}.')
   need(c.split_type in lamp.SPLIT_TYPES, 'split_type', f'use one of {list(lamp.SPLIT_TYPES)}')
   positive('data.num_shards', 'data.max_input_length', 'data.max_target_length',
            'data.max_history', 'data.item_max_length', 'data.query_max_length',

@@ -242,3 +242,27 @@ def test_scenarios_are_refused_where_they_do_not_exist(tmp_path):
     synthetic.generate(str(tmp_path), 'LaMP_2', scenario='weekly')
   with pytest.raises(ValueError, match="scenario='drift' exists for LaMP_2 only, not LaMP_7"):
     synthetic.generate(str(tmp_path), 'LaMP_7', scenario='drift')
+
+
+def test_each_task_spec_is_consistent_across_its_rules():
+  """One TaskSpec per task (data/tasks.py): the fields the prompt and corpus read are required,
+  the main metric is in the table, and PPlug's query equals the official code's on a
+  well-formed input, while LaMP's rankers may cut elsewhere (LaMP-7)."""
+  from pplug_jax.data import tasks
+  assert sorted(tasks.TASKS) == [f'LaMP_{n}' for n in range(1, 8)]
+  for name, spec in tasks.TASKS.items():
+    assert spec.name == name and tasks.task_spec(name.split('_')[1]) is spec
+    assert set(spec.corpus_fields) <= set(spec.required_fields), name
+    assert spec.prompt.field in spec.required_fields, name
+    assert spec.main_metric in [key for key, _, _ in spec.table_metrics], name
+    higher = dict((key, h) for key, _, h in spec.table_metrics)[spec.main_metric]
+    assert higher == (spec.metric_mode == 'max'), name
+    if spec.official_marker is not None:
+      text = f'Some instruction {spec.official_marker}the query text'
+      assert spec.query(text) == lamp.official_query(name, text) == 'the query text', name
+  seven = 'Note: paraphrase the tweet before or after it: the text'
+  assert tasks.task_spec(7).query(seven) == 'the text'  # PPlug: after its marker
+  assert tasks.task_spec(7).retrieval_query(seven) == (  # LaMP: after the first colon
+      'paraphrase the tweet before or after it: the text')
+  assert tasks.task_spec(1).retrieval_query('no quoted titles') is None  # LaMP fails here too
+  assert tasks.task_spec(1).retrieval_query('title "t", "a" or "b"') == 'a b'

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         '', 'errors', 'axis_rules', 'storage', 'fileio', 'scalars', 'workdir_lock', 'checkpoints',
         'partitioning')),
     ('data: LaMP files, records, pipeline, tokenizers, metrics, features, LaMP retrieval', (
-        'data', 'data.buckets', 'data.lamp', 'data.lamp_tfds', 'data.pipeline', 'data.records',
+        'data', 'data.tasks', 'data.buckets', 'data.lamp', 'data.lamp_tfds', 'data.pipeline', 'data.records',
         'data.synthetic', 'tokenizers', 'metrics', 'features', 'baselines',
         'baselines.prompts', 'baselines.retrieval')),
     ('models', (

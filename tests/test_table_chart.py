@@ -4,6 +4,7 @@ value, the paper's numbers as markers with --paper."""
 import numpy as np
 
 from pplug_jax import table
+from pplug_jax.data import lamp
 
 
 def _found():
@@ -46,7 +47,7 @@ def test_paper_numbers_are_markers_on_their_methods_bars():
   found = _found()
   expected = []
   for (task, _), methods in sorted(found.items()):
-    for key, _, _ in table.METRICS[task]:
+    for key, _, _ in lamp.task_spec(task).table_metrics:
       for c in methods:
         expected.append(table.PAPER[(task, key)][table._PAPER_COLUMNS.index(c)])
   assert sorted(points[:, 1].round(3)) == sorted(expected)

@@ -12,6 +12,9 @@ For k retrieved items and a token budget B:
   carries over: `saved += per - len(tokens) - len(frame)`.
 - the pieces are joined with `", and "`.
 
+Each task's layout (the field cut, the frame, the piece and the assembly) is its
+`TaskSpec.prompt` in `data/tasks.py`.
+
 Quirks kept on purpose (they are LaMP's behaviour):
 - LaMP-1 inserts the quoted titles right after the first `title` of the input, with `, and `.
 - LaMP-5 measures its frame as `"{title}" is a title " " ` but writes `... is a title for ...`.
@@ -22,53 +25,9 @@ Quirks kept on purpose (they are LaMP's behaviour):
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from pplug_jax.baselines.retrieval import task_name
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptSpec:
-  """How one task lays out a retrieved item: which field is cut, and the text around it."""
-  field: str                                  # the free text that is truncated
-  frame: Callable[[dict], str] | int          # what the budget counts besides that text
-  piece: Callable[[dict, str], str]           # the item as written, given its cut text
-  assemble: Callable[[str, str], str]         # (input, joined pieces) -> prompt
-  header: str | None = None                   # reserved once, before the per-item split
-  minus_one: bool = True                      # LaMP-1 alone has no `- 1` in the split
-
-
-def _after_title(question_input: str, joined: str) -> str:
-  i = question_input.find('title')
-  if i < 0:
-    return question_input
-  return question_input[:i + 5] + ', and ' + joined + question_input[i + 5:]
-
-
-SPECS: dict[str, PromptSpec] = {
-    'LaMP_1': PromptSpec('title', 2, lambda p, t: f'"{t}"', _after_title, minus_one=False),
-    'LaMP_2': PromptSpec('description', lambda p: f'the tag for the movie: " " is "{p["tag"]}" ',
-                         lambda p, t: f'the tag for the movie: "{t}" is "{p["tag"]}" ',
-                         lambda x, j: f'{j}. {x}'),
-    'LaMP_3': PromptSpec('text', lambda p: f'{p["score"]} is the score for " " ',
-                         lambda p, t: f'{p["score"]} is the score for "{t}" ',
-                         lambda x, j: f'{j}. {x}'),
-    'LaMP_4': PromptSpec('text', lambda p: f'"{p["title"]}" is the title for " " ',
-                         lambda p, t: f'"{p["title"]}" is the title for "{t}" ',
-                         lambda x, j: f'{j}. {x}'),
-    'LaMP_5': PromptSpec('abstract', lambda p: f'"{p["title"]}" is a title " " ',
-                         lambda p, t: f'"{p["title"]}" is a title for "{t}" ',
-                         lambda x, j: f'{j}. Following the given patterns {x}',
-                         header='Following the given patterns'),
-    'LaMP_6': PromptSpec('text', lambda p: f'"{p["title"]}" is the title for " " ',
-                         lambda p, t: f'"{p["title"]}" is the title for "{t}" ',
-                         lambda x, j: f'{j}. {x}'),
-    'LaMP_7': PromptSpec('text', lambda p: '"" ', lambda p, t: f'"{t}" ',
-                         lambda x, j: f'{j} are written by a person. Following the given '
-                                      f'patterns {x}',
-                         header='are written by user. Following the given patterns'),
-}
+from pplug_jax.data.tasks import PromptSpec, task_spec
 
 
 def _n_tokens(tokenizer: Any, text: str) -> int:
@@ -102,7 +61,7 @@ def rag_prompt(task: Any, question_input: str, items: Sequence[dict], tokenizer:
   `tokenizer` is any Hugging Face tokenizer (FlanT5's for the paper's setting). With no items the
   plain input comes back, as in LaMP.
   """
-  spec = SPECS[task_name(task)]
+  spec = task_spec(task).prompt
   input_tokens = _n_tokens(tokenizer, question_input)
   factor = 0.6
   while True:

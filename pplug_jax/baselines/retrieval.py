@@ -22,7 +22,7 @@ each item's text ends with `" date: {date}"` (LaMP's `ROPG/prompts/prompts.py`).
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,55 +32,21 @@ ROPG_METHODS = ('ropg-kd', 'ropg-rl')
 METHODS = ('bm25', 'recency', 'contriever', 'random') + ROPG_METHODS
 DENSE_METHODS = ('contriever',) + ROPG_METHODS
 
-# The profile fields each task's RAG prompt and corpus read (dates for recency).
-REQUIRED_FIELDS = {
-    'LaMP_1': ('title', 'abstract'), 'LaMP_2': ('description', 'tag'),
-    'LaMP_3': ('text', 'score'), 'LaMP_4': ('title', 'text'), 'LaMP_5': ('title', 'abstract'),
-    'LaMP_6': ('title', 'text'), 'LaMP_7': ('text',),
-}
-
-
 def task_name(task: Any) -> str:
   """'LaMP_2', 'LaMP-2', '2' or 2 -> 'LaMP_2'."""
   return lamp.task_spec(task).name
 
 
-def quoted_strings(text: str) -> list[str]:
-  """The strings between successive pairs of double quotes (an unclosed one is dropped)."""
-  parts = text.split('"')
-  return [parts[i] for i in range(1, len(parts) - 1, 2)]
-
-
-def _after(marker: str) -> Callable[[str], str | None]:
-  def extract(text: str) -> str | None:
-    i = text.find(marker)
-    return None if i < 0 else text[i + len(marker):].strip()
-  return extract
-
-
-def _citation_query(text: str) -> str | None:
-  quoted = quoted_strings(text)
-  return f'{quoted[1]} {quoted[2]}' if len(quoted) >= 3 else None
-
-
-_QUERY = {'LaMP_1': _citation_query, 'LaMP_2': _after('description:'),
-          'LaMP_3': _after('review:'), 'LaMP_4': _after('article:'),
-          'LaMP_5': _after('paper:'), 'LaMP_6': _after(':'), 'LaMP_7': _after(':')}
-_CORPUS = {'LaMP_1': ('title', 'abstract'), 'LaMP_2': ('description',), 'LaMP_3': ('text',),
-           'LaMP_4': ('title', 'text'), 'LaMP_5': ('title', 'abstract'), 'LaMP_6': ('text',),
-           'LaMP_7': ('text',)}
-
-
 def query_and_corpus(task: Any, question_input: str,
                      profile: Sequence[dict]) -> tuple[str, list[str]]:
   """LaMP's retrieval query for an input and the corpus text of each profile item."""
-  name = task_name(task)
-  query = _QUERY[name](question_input)
+  spec = lamp.task_spec(task)
+  query = spec.retrieval_query(question_input)
   if query is None:
-    raise lamp.LampError(f'{name}: cannot find the retrieval query in the input '
+    raise lamp.LampError(f'{spec.name}: cannot find the retrieval query in the input '
                          f'{question_input[:80]!r} (LaMP would fail here too); is config.task '
                          'right?')
-  corpus = [' '.join(str(item[f]) for f in _CORPUS[name]) for item in profile]
+  corpus = [' '.join(str(item[f]) for f in spec.corpus_fields) for item in profile]
   return query, corpus
 
 
@@ -130,7 +96,7 @@ def rank_profile(task: Any, question_input: str, profile: Sequence[dict], method
 def check_fields(task: str, qfile: str, questions: list[dict], method: str) -> None:
   """Every profile item has the fields the task's prompt (and the ranker) reads."""
   dated = method in ('recency',) + ROPG_METHODS
-  need = REQUIRED_FIELDS[lamp.task_spec(task).name] + (('date',) if dated else ())
+  need = lamp.task_spec(task).required_fields + (('date',) if dated else ())
   for q in questions:
     for item in q['profile']:
       missing = [f for f in need if item.get(f) is None]

@@ -1,4 +1,4 @@
-"""LaMP benchmark files: schema, per-task query and profile text, labels, validation.
+"""LaMP benchmark files: schema, parsing and validation (what differs per task: data/tasks.py).
 
 Layout: `<lamp_dir>/LaMP_N/` (user-based split) or `<lamp_dir>/LaMP_time_N/` (time-based), each
 holding `{split}_questions.json` and `{split}_outputs.json`, flat or in a `{split}/` subfolder.
@@ -12,87 +12,25 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from pplug_jax import storage
-from pplug_jax.errors import UserError
+from pplug_jax.data.tasks import LampError, TaskSpec, task_spec
 
 SPLITS = ('train', 'dev', 'test')
 SPLIT_TYPES = ('user', 'time')
 
-LAMP2_TAGS = ('sci-fi', 'based on a book', 'comedy', 'action', 'twist ending', 'dystopia',
-              'dark comedy', 'classic', 'psychology', 'fantasy', 'romance', 'thought-provoking',
-              'social commentary', 'violence', 'true story')
-
-
-class LampError(UserError):
-  """Bad LaMP data; the message names the file and example id."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-  """What differs between the LaMP tasks."""
-  name: str
-  kind: str                       # 'classification' | 'regression' | 'generation'
-  profile_fields: tuple[str, ...]  # joined with a space into the item's text
-  query: Callable[[str], str]
-  labels: tuple[str, ...] = ()
-  max_target_length: int = 128
-  main_metric: str = 'rouge-1'
-  metric_mode: str = 'max'
-
-
-def _after(marker: str) -> Callable[[str], str]:
-  def extract(text: str) -> str:
-    i = text.find(marker)
-    return text[i + len(marker):].strip() if i >= 0 else text.strip()
-  return extract
-
-
-def _first_quoted(text: str) -> str:
-  m = re.search(r'"(.*?)"', text)
-  return m.group(1).strip() if m else text.strip()
-
-
-TASKS: dict[str, TaskSpec] = {
-    'LaMP_1': TaskSpec('LaMP_1', 'classification', ('title', 'abstract'), _first_quoted,
-                       ('[1]', '[2]'), 128, 'accuracy'),
-    'LaMP_2': TaskSpec('LaMP_2', 'classification', ('description',), _after('description:'),
-                       LAMP2_TAGS, 128, 'accuracy'),
-    'LaMP_3': TaskSpec('LaMP_3', 'regression', ('text',), _after('review:'),
-                       ('1', '2', '3', '4', '5'), 10, 'mae', 'min'),
-    'LaMP_4': TaskSpec('LaMP_4', 'generation', ('text', 'title'), _after('article:')),
-    'LaMP_5': TaskSpec('LaMP_5', 'generation', ('title', 'abstract'), _after('paper:')),
-    'LaMP_6': TaskSpec('LaMP_6', 'generation', ('text', 'title'), _after(':')),
-    'LaMP_7': TaskSpec('LaMP_7', 'generation', ('text',), _after('before or after it:')),
-}
-
-
-# The official PPlug code's query markers (code/PersonalDataset_profile.py, `process_qry`).
-_OFFICIAL_MARKERS = {'LaMP_2': 'description: ', 'LaMP_3': 'review: ', 'LaMP_4': 'article: ',
-                     'LaMP_5': 'paper: ', 'LaMP_7': 'before or after it: '}
-
-
 def official_query(task: str, text: str) -> str:
   """The query the official code embeds, quirks kept: a missing marker is found at -1, so the
   slice starts len(marker) - 1 characters in; LaMP-1 takes the text between 'title "' and '",'."""
-  name = task_spec(task).name
-  if name == 'LaMP_1':
+  spec = task_spec(task)
+  if spec.name == 'LaMP_1':
     start = text.find('title "') + len('title "')
     return text[start:text.find('",', start)]
-  marker = _OFFICIAL_MARKERS.get(name)
+  marker = spec.official_marker
   if marker is None:
-    raise LampError(f'{name}: the official code has no query rule for this task.')
+    raise LampError(f'{spec.name}: the official code has no query rule for this task.')
   return text[text.find(marker) + len(marker):]
-
-
-def task_spec(task: str) -> TaskSpec:
-  """'LaMP_2', 'LaMP-2', '2' or 2 -> its TaskSpec."""
-  key = str(task).replace('-', '_')
-  key = key if key.startswith('LaMP_') else f'LaMP_{key}'
-  if key not in TASKS:
-    raise LampError(f'Unknown LaMP task {task!r}; config.task must be one of {sorted(TASKS)}.')
-  return TASKS[key]
 
 
 @dataclasses.dataclass(frozen=True)
