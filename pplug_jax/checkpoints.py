@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -89,6 +90,9 @@ class SaveWatch:
       cause = ' '.join(line.strip() for line in str(e).splitlines() if line.strip())
       if len(cause) > 300:  # tensorstore's are long: keep the start and the OS error at its end
         cause = f'{cause[:120]} ... {cause[-170:]}'
+      code = re.search(r"os_error_code='(\d+)'", cause)
+      if code:  # the OS error in words, whatever the cut kept (the spec before it varies)
+        cause += f': {os.strerror(int(code.group(1)))}'
       with contextlib.suppress(Exception):  # the save's other threads end (and log) first:
         manager.close()  # the error below is the last line a user sees
       newest = manager.latest_step()
