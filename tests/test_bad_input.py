@@ -526,3 +526,14 @@ def test_demo_refuses_every_path_it_did_not_make(tmp_path, key):
   with pytest.raises(ConfigError, match=f"refuses config.{key}="):
     demo.prepare(config, str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
+
+
+def test_bad_demo_model_fitting_values_are_listed_before_any_work():
+  from pplug_jax import validation
+  config = lamp_config.get_config('demo')
+  config.demo_model.pretrain_batch_size = 0
+  config.demo_model.pretrain_steps = -1
+  problems = validation.config_problems(config, num_devices=1, process_count=1)
+  assert 'config.demo_model.pretrain_batch_size=0: must be > 0.' in problems
+  assert ('config.demo_model.pretrain_steps=-1: must be >= 0 (0 keeps the random '
+          'initialisation).') in problems
