@@ -11,9 +11,7 @@ import json
 import os
 from typing import Any, Callable
 
-import jax
-
-from pplug_jax import storage, table
+from pplug_jax import partitioning, storage, table
 from pplug_jax.baselines import ropg, rspg, runner, utility
 from pplug_jax.data import lamp
 from pplug_jax.models.text_encoder import TextEncoder
@@ -59,7 +57,7 @@ def compare(config, workdir: str, mesh, evaluate: Callable, params: dict,
   with storage.open(os.path.join(lamp.task_dir(config.data.lamp_dir, config.task),
                          'synthetic_info.json')) as f:
     out['best_non_personalised_accuracy'] = json.load(f)['best_non_personalised_accuracy']
-  if jax.process_index() == 0:
+  if partitioning.is_main_process():
     columns = {table._column(os.path.basename(runner.method_dir(workdir, m, config.rag.k))): r
                for m, r in out['baselines'].items()}
     columns['PPlug'] = pplug_dev

@@ -46,16 +46,16 @@ def evaluate(config, workdir: str, split: str = 'dev', which: str = 'best') -> d
                                  desc=f'{split} (step {step})',
                                  explain_top_k=config.eval.explain_top_k)
   ids = sorted(out['predictions'], key=lambda i: (len(i), i))
-  preds = {'task': spec.name, 'golds': [{'id': i, 'output': out['predictions'][i]} for i in ids]}
   result: dict[str, Any] = {'step': step, 'split': split, 'count': len(ids),
                             'examples_per_second': out['examples_per_second']}
-  if jax.process_index() == 0:
-    fileio.write_json(os.path.join(workdir, f'predictions_{split}.json'), preds)
+  if partitioning.is_main_process():
+    lamp.write_predictions(os.path.join(workdir, f'predictions_{split}.json'), spec.name, ids,
+                           [out['predictions'][i] for i in ids])
     if config.eval.explain_top_k > 0:
       fileio.write_json(os.path.join(workdir, f'explanations_{split}.json'), out['explanations'])
   if meta['splits'][split].get('has_outputs'):
     result.update(generation.score(spec.name, out))
-    if jax.process_index() == 0:
+    if partitioning.is_main_process():
       fileio.write_json(os.path.join(workdir, f'metrics_{split}.json'), result)
   logging.info('%s: %s', split, result)
   return result

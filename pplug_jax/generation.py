@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +114,7 @@ class SplitGenerator:
     preds, refs, explain, nll_sum, nll_n = {}, {}, {}, 0.0, 0
     start = time.time()
     for i, batch in enumerate(tqdm(it, total=num_batches, desc=desc, unit='batch',
-                                   mininterval=5, disable=jax.process_index() > 0)):
+                                   mininterval=5, disable=not partitioning.is_main_process())):
       if i >= num_batches:
         break
       tokens, nll, weights = gen(trainable, self.system.llm_params,
@@ -144,6 +144,25 @@ class SplitGenerator:
                  len(preds) / max(seconds, 1e-9))
     return {'predictions': preds, 'references': refs, 'nll': nll_sum / max(nll_n, 1),
             'explanations': explain, 'examples_per_second': len(preds) / max(seconds, 1e-9)}
+
+
+def over_host_rows(fn: Callable[..., jax.Array], arrays: Sequence[np.ndarray], batch_rows: int,
+                   mesh: jax.sharding.Mesh, rules, desc: str = 'generate') -> np.ndarray:
+  """fn over every row of `arrays` ([N, ...] each, held whole by every process), `batch_rows`
+  rows a call: the global batch, sharded on the mesh's batch axis. The last batch is topped up
+  with the first rows and cut, so one shape compiles once. Returns fn's rows [N, ...] (numpy, on
+  every process). The baselines' generation and RSPG's scoring run here; a records split runs in
+  SplitGenerator.generate_split, where each process reads its own rows."""
+  n = len(arrays[0])
+  if n == 0:
+    raise ValueError(f'{desc}: no rows to run.')
+  outputs = []
+  for start in tqdm(range(0, n, batch_rows), desc=desc, unit='batch', mininterval=5,
+                    disable=not partitioning.is_main_process()):
+    rows = np.arange(start, start + batch_rows) % n
+    got = fn(*(partitioning.global_from_host(mesh, rules, a[rows]) for a in arrays))
+    outputs.append(partitioning.gather_to_host(got)[:min(batch_rows, n - start)])
+  return np.concatenate(outputs)
 
 
 def _merge_across_processes(local: dict, list_values: bool = False) -> dict:

@@ -160,7 +160,7 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
   records and verifies them against its own settings."""
   out_dir = records.records_dir(config, workdir)
   storage.makedirs(out_dir, exist_ok=True)
-  lock = records_lock(out_dir, workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  lock = records_lock(out_dir, workdir) if partitioning.is_main_process() else contextlib.nullcontext()
   with lock:
     return _run(config, workdir, stop_after_shards)
 
@@ -183,7 +183,7 @@ def _run(config, workdir: str, stop_after_shards: int | None) -> dict[str, Any]:
   if current['dim'] != encoder.dim:  # read from config.json, then from the loaded weights
     raise RecordsError(f'{config.encoder.path}: config.json says hidden_size {current["dim"]}, '
                        f'the weights give {encoder.dim}.')
-  main_process, pi, pc = jax.process_index() == 0, jax.process_index(), jax.process_count()
+  main_process, pi, pc = partitioning.is_main_process(), jax.process_index(), jax.process_count()
   if main_process:  # process 0 writes the metadata; each process encodes its own shards
     records.write_metadata(out_dir, meta)
   stats = {'items_encoded': 0, 'item_ids_reused_with_other_text': 0}

@@ -294,7 +294,7 @@ def compile_train_step(system: System, tx: optax.GradientTransformation, abstrac
   `pplug_jax.aot` plans for TPUs it lacks.
   """
   mesh, rules = system.mesh, system.rules
-  micro, accum = config.optim.batch_size, config.optim.grad_accum
+  accum, micro = pipeline.step_layout(config)
   state_sharding = partitioning.replicated_like(abstract_state, mesh)
   shapes = pipeline.shapes(config, system.encoder_dim, *(shape or (None, None)))
   batch_sharding = {k: partitioning.batch_sharding(mesh, rules, 2 + len(s), leading=1)

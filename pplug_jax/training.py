@@ -131,7 +131,7 @@ def train_and_evaluate(config, workdir: str,
   validation.refuse(validation.config_problems(config) +
                     ([] if config.demo else input_problems(config, workdir)))
   storage.makedirs(workdir, exist_ok=True)
-  lock = WorkdirLock(workdir, 'train') if jax.process_index() == 0 else contextlib.nullcontext()
+  lock = WorkdirLock(workdir, 'train') if partitioning.is_main_process() else contextlib.nullcontext()
   with lock:
     return _train_and_evaluate(config, workdir, after_training)
 
@@ -261,7 +261,7 @@ def _loop(config, workdir: str, setup: _Setup, compiled: _Compiled,
   seconds of training alone (evaluations and saves left out)."""
   system, mesh, total_steps = setup.system, setup.mesh, setup.total_steps
   task_spec, start_step = setup.task_spec, compiled.start_step
-  micro, accum = config.optim.batch_size, config.optim.grad_accum
+  accum, micro = pipeline.step_layout(config)
   per_step = micro * accum
   main_process = partitioning.is_main_process()
   writer = ScalarWriter(os.path.join(workdir, 'tensorboard'), enabled=main_process)
@@ -276,7 +276,7 @@ def _loop(config, workdir: str, setup: _Setup, compiled: _Compiled,
   t0 = time.time()
 
   def step_fn(state, batch):
-    micro_batches = {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}
+    micro_batches = pipeline.as_micro_batches(batch, accum)
     global_batch = partitioning.to_global(micro_batches, mesh, system.rules, leading=1)
     shape = (batch['input_ids'].shape[-1], batch['target_ids'].shape[-1])
     state, metrics = compiled.steps_by_shape[shape](state, system.llm_params, global_batch)

@@ -25,7 +25,7 @@ from typing import Iterator
 
 from absl import logging
 
-from pplug_jax import storage
+from pplug_jax import partitioning, storage
 from pplug_jax.errors import WorkdirError
 
 LOCK_FILE = '.lock'
@@ -175,8 +175,7 @@ def records_lock(records_dir: str, workdir: str = '') -> WorkdirLock:
 @contextlib.contextmanager
 def held(workdir: str, command: str) -> Iterator[None]:
   """The workdir's lock, taken by process 0 alone (it alone writes the shared files)."""
-  import jax
-  if not workdir or jax.process_index() != 0:
+  if not workdir or not partitioning.is_main_process():
     yield
     return
   storage.makedirs(workdir)

@@ -98,3 +98,22 @@ def test_a_cache_grown_in_stages_decodes_the_same(models, monkeypatch):
     assert ours == _hf(ref, emb, mask, num_beams=4, length_penalty=1.0, early_stopping=False)
     longest = max(longest, max(len(r) for r in ours))
   assert longest > 8  # the last stage was reached
+
+
+def test_over_host_rows_runs_every_row_once_in_one_shape_and_keeps_the_order():
+  from pplug_jax import generation, partitioning
+  mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
+  rules = (('batch', 'data'),)
+  seen_shapes = []
+
+  def fn(a, b):
+    seen_shapes.append(a.shape)
+    return a * 10 + b[:, :1]
+
+  a = np.arange(13 * 2).reshape(13, 2)
+  b = np.arange(13 * 3).reshape(13, 3) + 1000
+  got = generation.over_host_rows(fn, (a, b), 4, mesh, rules)
+  np.testing.assert_array_equal(got, a * 10 + b[:, :1])  # 13 rows in order, the top-up cut
+  assert seen_shapes == [(4, 2)] * 4  # ceil(13 / 4) calls, all of one shape
+  with pytest.raises(ValueError, match='no rows'):
+    generation.over_host_rows(fn, (a[:0], b[:0]), 4, mesh, rules)

@@ -266,3 +266,21 @@ def test_each_task_spec_is_consistent_across_its_rules():
       'paraphrase the tweet before or after it: the text')
   assert tasks.task_spec(1).retrieval_query('no quoted titles') is None  # LaMP fails here too
   assert tasks.task_spec(1).retrieval_query('title "t", "a" or "b"') == 'a b'
+
+
+def test_prediction_files_are_lamps_outputs_format_and_read_back(tmp_path):
+  path = str(tmp_path / 'predictions_dev.json')
+  lamp.write_predictions(path, 'LaMP_2', ['b', 'a'], ['drama', 'comedy'],
+                         retriever=['bm25', 'recency'])
+  with open(path, encoding='utf-8') as f:
+    assert json.load(f) == {'task': 'LaMP_2', 'golds': [
+        {'id': 'b', 'output': 'drama', 'retriever': 'bm25'},
+        {'id': 'a', 'output': 'comedy', 'retriever': 'recency'}]}
+  assert lamp.read_predictions(path) == {'b': 'drama', 'a': 'comedy'}
+  # a golds file parses back with the task's checks; a prediction's output is not a gold's
+  lamp.write_predictions(path, 'LaMP_3', ['x'], ['not a number'])
+  assert lamp.read_predictions(path) == {'x': 'not a number'}
+  with pytest.raises(lamp.LampError, match='not a number'):
+    lamp.parse_outputs(path, lamp.task_spec('LaMP_3'))
+  with pytest.raises(ValueError, match='one of each per example'):
+    lamp.golds_file('LaMP_2', ['a', 'b'], ['x'])

@@ -154,7 +154,7 @@ def train(config, workdir: str, objective: str, mesh: jax.sharding.Mesh | None =
   params, losses = trainer.fit(loss_fn, params, data, trainer.FitSettings.from_config(
       config, 'ropg'), run_dir, identity, mesh, rules, f'ROPG-{objective.upper()}')
   out = runner.ropg_retriever_dir(workdir, f'ropg-{objective}')
-  if jax.process_index() == 0:
+  if partitioning.is_main_process():
     hf_weights.save_bert(out, source, bert_config, params)
     fileio.write_json(os.path.join(run_dir, 'train_result.json'),
                       {'steps': len(losses), 'first_loss': losses[0] if losses else None,

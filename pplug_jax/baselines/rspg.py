@@ -33,7 +33,7 @@ from absl import flags, logging
 from flax import linen as nn
 
 from pplug_jax import storage
-from pplug_jax import cli, fileio, metrics as metrics_lib, partitioning, tokenizers, validation
+from pplug_jax import cli, fileio, generation, metrics as metrics_lib, partitioning, tokenizers, validation
 from pplug_jax.baselines import runner, trainer
 from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError, UserError
@@ -181,16 +181,14 @@ def predict(config, workdir: str, kind: str, split: str, model: Selector, params
   _, questions, examples = lamp.raw_questions(config, split)
   golds = {e.id: e.output for e in examples} if split != 'test' else None
   data = selection_data(config, kind, runs, questions, None, tokenizer)
-  rules = tuple(config.logical_axis_rules)
-  batch = config.train.eval_batch_size * jax.process_count()
   score_fn = jax.jit(lambda p, ids, mask: option_scores(model, p, ids, mask))
   params = jax.device_put(params, partitioning.replicated(mesh))
-  n, chosen = len(questions), []
-  for start in range(0, n, batch):
-    rows = np.arange(start, start + batch) % n  # the last batch is topped up, then cut
-    put = lambda x: partitioning.global_from_host(mesh, rules, x[rows])
-    scores = partitioning.gather_to_host(score_fn(params, put(data['ids']), put(data['mask'])))
-    chosen.extend(np.argmax(scores, -1)[:min(batch, n - start)].tolist())
+  n = len(questions)
+  scores = generation.over_host_rows(
+      lambda ids, mask: score_fn(params, ids, mask), (data['ids'], data['mask']),
+      config.train.eval_batch_size * jax.process_count(), mesh, tuple(config.logical_axis_rules),
+      desc=f'RSPG-{kind}')
+  chosen = np.argmax(scores, -1).tolist()
   methods = list(config.rspg.retrievers)
   ids = [q['id'] for q in questions]
   outputs = [runs[methods[c]]['predictions'][i] for i, c in zip(ids, chosen)]
@@ -201,12 +199,10 @@ def predict(config, workdir: str, kind: str, split: str, model: Selector, params
   if golds is not None:
     result.update(metrics_lib.lamp_metrics(spec.name, outputs, [golds[i] for i in ids]))
   out = runner.method_dir(workdir, method, config.rag.k)
-  if jax.process_index() == 0:
+  if partitioning.is_main_process():
     storage.makedirs(out, exist_ok=True)
-    fileio.write_json(os.path.join(out, f'predictions_{split}.json'),
-                      {'task': spec.name, 'golds': [{'id': i, 'output': o, 'retriever':
-                                                     methods[c]} for i, o, c in
-                                                    zip(ids, outputs, chosen)]})
+    lamp.write_predictions(os.path.join(out, f'predictions_{split}.json'), spec.name, ids,
+                           outputs, retriever=[methods[c] for c in chosen])
     if golds is not None:
       fileio.write_json(os.path.join(out, f'metrics_{split}.json'), result)
   logging.info('%s on %s: %s', method, split, result)

@@ -112,7 +112,7 @@ def build_prompts(config, questions: list[dict], method: str, k: int,
   budget = encoding.prompt_budget(config.rag.max_length)
   prompts, empty = [], 0
   for q in tqdm(questions, desc=f'prompts ({method})', unit='example', mininterval=5,
-                disable=jax.process_index() > 0):
+                disable=not partitioning.is_main_process()):
     if not q['profile']:
       empty += 1
     if method == NO_RETRIEVAL or not q['profile']:
@@ -145,18 +145,13 @@ class BaselineGenerator:
 
   def __call__(self, prompts: list[str]) -> list[str]:
     """Generated text for each prompt (every process passes, and gets, all of them)."""
-    batch = self.config.train.eval_batch_size * jax.process_count()
-    length = self.config.rag.max_length
-    outputs: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch), desc='generate', unit='batch',
-                      mininterval=5, disable=jax.process_index() > 0):
-      chunk = prompts[start:start + batch]
-      ids, mask = self.token_rows(chunk + [''] * (batch - len(chunk)), length)
-      put = lambda x: partitioning.global_from_host(self.mesh, self.rules, x)
-      tokens = self._generate(self.llm_params, put(ids), put(mask))
-      texts = generation.decode_texts(self.tokenizer, partitioning.gather_to_host(tokens))
-      outputs.extend(texts[:len(chunk)])
-    return outputs
+    if not prompts:
+      return []
+    ids, mask = self.token_rows(prompts, self.config.rag.max_length)
+    tokens = generation.over_host_rows(
+        lambda i, m: self._generate(self.llm_params, i, m), (ids, mask),
+        self.config.train.eval_batch_size * jax.process_count(), self.mesh, self.rules)
+    return generation.decode_texts(self.tokenizer, tokens)
 
   def token_rows(self, prompts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
     """[B, length] ids and mask: each prompt as a PPlug input is encoded (LlmEncoding), zero
@@ -190,10 +185,9 @@ def load_run(workdir: str, method: str, k: int, split: str) -> dict[str, Any]:
   out = method_dir(workdir, method, k)
   files = {'settings': f'run_{split}.json', 'predictions': f'predictions_{split}.json',
            'prompts': f'prompts_{split}.json', 'metrics': f'metrics_{split}.json'}
-  loaded = {key: fileio.read_json(os.path.join(out, name)) for key, name in files.items()
-            if storage.exists(os.path.join(out, name))}
-  if 'predictions' in loaded:
-    loaded['predictions'] = {g['id']: g['output'] for g in loaded['predictions']['golds']}
+  read = {'predictions': lamp.read_predictions}
+  loaded = {key: read.get(key, fileio.read_json)(os.path.join(out, name))
+            for key, name in files.items() if storage.exists(os.path.join(out, name))}
   return loaded
 
 
@@ -231,11 +225,10 @@ def run(config, workdir: str, method: str, k: int, split: str = 'dev',
     golds = {e.id: e.output for e in examples}
     result.update(metrics_lib.lamp_metrics(spec.name, outputs, [golds[i] for i in ids]))
   out = method_dir(workdir, method, k)
-  if jax.process_index() == 0:
+  if partitioning.is_main_process():
     storage.makedirs(out, exist_ok=True)
-    fileio.write_json(os.path.join(out, f'predictions_{split}.json'),
-                {'task': spec.name, 'golds': [{'id': i, 'output': o}
-                                              for i, o in zip(ids, outputs)]})
+    lamp.write_predictions(os.path.join(out, f'predictions_{split}.json'), spec.name, ids,
+                           outputs)
     fileio.write_json(os.path.join(out, f'prompts_{split}.json'), dict(zip(ids, prompts)))
     if golds:
       fileio.write_json(os.path.join(out, f'metrics_{split}.json'), result)

@@ -80,7 +80,7 @@ def fit(loss_fn: LossFn, params: Any, data: dict[str, np.ndarray], settings: Fit
   identity = dict(identity, settings=dataclasses.asdict(settings), examples=n)
   fileio.record_or_check(os.path.join(run_dir, 'run.json'), identity, 'its checkpoints',
                          f'Delete {run_dir} to train again, or use another --workdir.',
-                         write=jax.process_index() == 0)
+                         write=partitioning.is_main_process())
   partitioning.sync(f'{desc} run dir')
   tx = optimizer(settings, total)
   replicated = partitioning.replicated(mesh)

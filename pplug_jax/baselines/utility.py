@@ -82,7 +82,7 @@ def read_done(path: str) -> list[dict]:
       except json.JSONDecodeError:
         break
       good_bytes += len(line)
-  if good_bytes != storage.getsize(path) and jax.process_index() == 0:
+  if good_bytes != storage.getsize(path) and partitioning.is_main_process():
     logging.warning('%s: dropping a torn last line; its queries are scored again', path)
     with storage.open(path, 'r+b') as f:
       f.truncate(good_bytes)
@@ -103,7 +103,7 @@ def score(config, workdir: str, split: str = 'train',
   out_file, meta_file = paths(workdir, split)
   fileio.record_or_check(meta_file, settings(config, split, qfile), 'these utility scores',
                          'Delete it and the .jsonl beside it to score again, or use another '
-                         '--workdir.', write=jax.process_index() == 0)
+                         '--workdir.', write=partitioning.is_main_process())
   partitioning.sync('utility settings')
   done = {d['id'] for d in read_done(out_file)}
   todo = [q for q in questions if q['id'] not in done]
@@ -115,7 +115,7 @@ def score(config, workdir: str, split: str = 'train',
   chunk = config.train.eval_batch_size * jax.process_count()  # queries; l full batches each
   start, chunks = time.time(), 0
   bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f'utility ({split})',
-             unit='query', mininterval=5, disable=jax.process_index() > 0)
+             unit='query', mininterval=5, disable=not partitioning.is_main_process())
   for begin in range(0, len(todo), chunk):
     part = todo[begin:begin + chunk]
     picked = [candidates(config, q, encoder) for q in part]
@@ -130,7 +130,7 @@ def score(config, workdir: str, split: str = 'train',
                     'item_ids': [q['profile'][i].get('id') for i in cand], 'outputs': texts,
                     'utility': metrics_lib.utilities(config.task, texts,
                                                      [gold[q['id']]] * len(texts))})
-    if jax.process_index() == 0:
+    if partitioning.is_main_process():
       if _size(out_file) != written:  # someone else appended: never a query twice
         done = {d['id'] for d in read_done(out_file)}
       lines = [line for line in lines if line['id'] not in done]

@@ -14,7 +14,7 @@ import os
 import re
 from typing import Any, Sequence
 
-from pplug_jax import storage
+from pplug_jax import fileio, storage
 from pplug_jax.data.tasks import LampError, TaskSpec, task_spec
 
 SPLITS = ('train', 'dev', 'test')
@@ -195,9 +195,36 @@ def write_split(root: str, split: str, task: str, examples: Sequence[dict],
   with storage.open(os.path.join(root, f'{split}_questions.json'), 'w', encoding='utf-8') as f:
     json.dump(list(examples), f, ensure_ascii=False)
   if outputs is not None:
-    golds = [{'id': k, 'output': v} for k, v in outputs.items()]
     with storage.open(os.path.join(root, f'{split}_outputs.json'), 'w', encoding='utf-8') as f:
-      json.dump({'task': task_spec(task).name, 'golds': golds}, f, ensure_ascii=False)
+      json.dump(golds_file(task, list(outputs), list(outputs.values())), f, ensure_ascii=False)
+
+
+def golds_file(task: str, ids: Sequence[str], outputs: Sequence[str],
+               **per_row: Sequence[Any]) -> dict[str, Any]:
+  """LaMP's outputs format, {"task", "golds": [{"id", "output", ...}]}: the golds' files, every
+  prediction file and the leaderboard's. `per_row` adds a field to each row (RSPG's retriever)."""
+  if len(outputs) != len(ids) or any(len(v) != len(ids) for v in per_row.values()):
+    raise ValueError(f'{len(ids)} ids, {len(outputs)} outputs and per-row fields of '
+                     f'{[len(v) for v in per_row.values()]}: one of each per example.')
+  return {'task': task_spec(task).name,
+          'golds': [{'id': i, 'output': o, **{k: v[n] for k, v in per_row.items()}}
+                    for n, (i, o) in enumerate(zip(ids, outputs))]}
+
+
+def write_predictions(path: str, task: str, ids: Sequence[str], outputs: Sequence[str],
+                      **per_row: Sequence[Any]) -> None:
+  """Writes a prediction file (`golds_file`) whole; the caller is the main process."""
+  fileio.write_json(path, golds_file(task, ids, outputs, **per_row))
+
+
+def read_predictions(path: str) -> dict[str, str]:
+  """A prediction file -> {id: output}; the outputs are a model's, so they are not checked as
+  golds are (parse_outputs)."""
+  data = _load_json(path)
+  if not isinstance(data, dict) or not isinstance(data.get('golds'), list):
+    raise LampError(f'{path}: expected {{"task": ..., "golds": [{{"id", "output"}}]}}.')
+  return {g['id']: g['output'] for g in data['golds']}
+
 
 def raw_questions(config, split: str) -> tuple[str, list[dict], list[Example]]:
   """(questions file, its entries as dicts, the validated examples): the prompts need every

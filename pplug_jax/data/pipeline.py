@@ -89,6 +89,18 @@ def is_float(feature: str) -> bool:
   return feature in FLOAT_FEATURES
 
 
+def step_layout(config) -> tuple[int, int]:
+  """(accum, micro): a train step's batch is [accum, micro, ...], `accum` micro-batches of
+  `micro` examples (config.optim.grad_accum, config.optim.batch_size); the step sums their
+  gradients. Sharding keeps axis 0 whole and splits axis 1 (partitioning.to_global(leading=1))."""
+  return int(config.optim.grad_accum), int(config.optim.batch_size)
+
+
+def as_micro_batches(batch: Batch, accum: int) -> Batch:
+  """[accum * micro, ...] rows -> [accum, micro, ...]: rows n * micro ... go to micro-batch n."""
+  return {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
 def shapes(config, dim: int, input_length: int | None = None,
            target_length: int | None = None) -> dict[str, tuple[int, ...]]:
   """Per-example feature shapes; input and target lengths default to the config maxima."""
@@ -310,9 +322,10 @@ def train_batches(config, records_dir: str, local_batch_size: int, skip_batches:
   if len(mine) == 1:
     yield from mine[0]
     return
-  for parts in zip(*mine):
-    yield {k: np.concatenate([p[k].reshape((accum, -1) + p[k].shape[1:]) for p in parts],
-                             axis=1).reshape((-1,) + parts[0][k].shape[1:]) for k in parts[0]}
+  for parts in zip(*mine):  # each micro-batch takes its share of every stream
+    split = [as_micro_batches(p, accum) for p in parts]
+    yield {k: np.concatenate([s[k] for s in split], axis=1).reshape((-1,) + parts[0][k].shape[1:])
+           for k in parts[0]}
 
 
 def _stream(config, meta: dict[str, Any], files: list[str], seed: int, batch_size: int,

@@ -204,8 +204,8 @@ def generate(out_dir: str, task: str = 'LaMP_2', split_type: str = 'user',
       counts[o if scenario != 'stable' else prefs[pref]] += 1  # o: the LaMP-2 tag
     lamp.write_split(root, split, task, questions, None if split == 'test' else outputs)
     if split == 'test':  # keep the hidden answers next to, not inside, the LaMP files
-      fileio.write_json(os.path.join(root, 'test_hidden_outputs.json'), {
-          'task': task, 'golds': [{'id': k, 'output': v} for k, v in outputs.items()]}, None)
+      fileio.write_json(os.path.join(root, 'test_hidden_outputs.json'),
+                        lamp.golds_file(task, list(outputs), list(outputs.values())), None)
     sizes = [len(q['profile']) for q in questions]
     info['splits'][split] = {
         'users': n, 'empty_profiles': sum(s == 0 for s in sizes),

@@ -131,15 +131,16 @@ def _t5_stepper(llm: t5_lib.T5, llm_params: dict, embedded: jax.Array,
   def step(tokens, cache, i):
     logits, new = llm.apply(v, tokens, None, mask, {**cache.per_row, **cache.shared}, i,
                             method=t5_lib.T5.decode)
-    return logits[:, -1], DecodeCache({'self_k': new['self_k'], 'self_v': new['self_v']},
+    return logits[:, -1], DecodeCache({k: new[k] for k in t5_lib.SELF_ATTENTION_CACHE},
                                       cache.shared)
 
   return Stepper(start, step, (c.eos_token_id,), c.pad_token_id)
 
 
 def _split_t5(cache: dict) -> DecodeCache:
-  return DecodeCache({k: x for k, x in cache.items() if k.startswith('self')},
-                     {k: x for k, x in cache.items() if not k.startswith('self')})
+  per_row = t5_lib.SELF_ATTENTION_CACHE
+  return DecodeCache({k: x for k, x in cache.items() if k in per_row},
+                     {k: x for k, x in cache.items() if k not in per_row})
 
 
 def _decoder_stepper(llm: decoder_lib.CausalLM, llm_params: dict, embedded: jax.Array,

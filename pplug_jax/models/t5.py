@@ -347,6 +347,11 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Arr
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+# The decode cache's keys that grow with the generated tokens (one row per beam); the others
+# (the cross-attention keys/values) are filled once from the encoder and shared by the beams.
+SELF_ATTENTION_CACHE = ('self_k', 'self_v')
+
+
 def init_cache(config: T5Config, batch: int, max_length: int,
                dtype: Any | None = None) -> Cache:
   """Zero self-attention cache, stacked over layers: [L, B, T, H, D]."""
