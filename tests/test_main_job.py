@@ -301,9 +301,15 @@ def test_evaluations_after_the_first_compile_nothing(demo_run):
   monitoring.register_event_duration_secs_listener(
       lambda event, secs, **kw: compiles.append(event)
       if event == '/jax/core/compile/backend_compile_duration' else None)
-  first = generator.generate_split(trainable, rdir, 'dev', 40, max_batches=2)
-  after_first = len(compiles)
-  second = generator.generate_split(trainable, rdir, 'dev', 40, max_batches=2)
+  # the tests' persistent compilation cache off: a hit there would skip the compile it counts
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    first = generator.generate_split(trainable, rdir, 'dev', 40, max_batches=2)
+    after_first = len(compiles)
+    second = generator.generate_split(trainable, rdir, 'dev', 40, max_batches=2)
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cached)
   assert after_first > 0  # the listener sees compiles
   assert len(compiles) == after_first, compiles[after_first:]
   assert generator.jitted(True)._cache_size() == 1

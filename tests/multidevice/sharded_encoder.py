@@ -16,8 +16,8 @@ def main(path: str) -> None:
   assert jax.device_count() == 8, jax.device_count()
   rng = np.random.RandomState(0)
   words = 'the a user wrote about films music travel food history science of and in'.split()
-  # mixed lengths, 150 texts: several length buckets and a last, partial batch
-  texts = [' '.join(rng.choice(words, rng.randint(1, 60))) for _ in range(150)]
+  # mixed lengths, 72 texts: three batches of 32 (several length buckets), the last partial
+  texts = [' '.join(rng.choice(words, rng.randint(1, 60))) for _ in range(72)]
   eight = TextEncoder(path, batch_size=32, dtype='float32')
   one = TextEncoder(path, batch_size=32, dtype='float32', devices=jax.devices()[:1])
   assert eight.num_devices == 8 and one.num_devices == 1
