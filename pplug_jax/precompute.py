@@ -160,8 +160,8 @@ def run(config, workdir: str = '', stop_after_shards: int | None = None) -> dict
   records and verifies them against its own settings."""
   out_dir = records.records_dir(config, workdir)
   storage.makedirs(out_dir, exist_ok=True)
-  lock = records_lock(out_dir, workdir) if partitioning.is_main_process() else contextlib.nullcontext()
-  with lock:
+  main_process = partitioning.is_main_process()
+  with records_lock(out_dir, workdir) if main_process else contextlib.nullcontext():
     return _run(config, workdir, stop_after_shards)
 
 

@@ -7,7 +7,6 @@ kept in DIR/best.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -27,7 +26,7 @@ from pplug_jax.scalars import ScalarWriter
 from pplug_jax.data import lamp, pipeline, records
 from pplug_jax.errors import ConfigError, RecordsError, WorkdirError
 from pplug_jax.models import plug as plug_lib
-from pplug_jax.workdir_lock import WorkdirLock, records_lock
+from pplug_jax.workdir_lock import held, records_lock
 
 
 def input_problems(config, workdir: str) -> list[str]:
@@ -131,8 +130,7 @@ def train_and_evaluate(config, workdir: str,
   validation.refuse(validation.config_problems(config) +
                     ([] if config.demo else input_problems(config, workdir)))
   storage.makedirs(workdir, exist_ok=True)
-  lock = WorkdirLock(workdir, 'train') if partitioning.is_main_process() else contextlib.nullcontext()
-  with lock:
+  with held(workdir, 'train'):  # process 0 takes the lock
     return _train_and_evaluate(config, workdir, after_training)
 
 

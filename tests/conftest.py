@@ -12,13 +12,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 # With the [tpu] extra installed, libtpu must change nothing here: the tests run on the CPU.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One persistent XLA compilation cache for the workers and every subprocess (they inherit the
 # environment): the tests compile the same tiny programs again and again, in one process and
 # across them (a resumed run, a second process, the demo's jobs). The key holds the program,
 # the XLA flags and the jax version, so a hit is the same executable. PPLUG_TEST_JAX_CACHE names
 # another folder, or '' for none; JAX_COMPILATION_CACHE_DIR, when set, wins.
-_JAX_CACHE = os.environ.get('PPLUG_TEST_JAX_CACHE', os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.jax_cache'))
+_JAX_CACHE = os.environ.get('PPLUG_TEST_JAX_CACHE', os.path.join(ROOT, '.jax_cache'))
 if _JAX_CACHE:
   os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _JAX_CACHE)
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
@@ -26,8 +26,6 @@ if _JAX_CACHE:
 import demo_runs  # noqa: E402
 from demo_runs import SIGKILL_FLAGS, prepared_copy, train_cmd  # noqa: E402,F401 (for the tests)
 from hf_fixtures import save_tiny_bert, save_tiny_t5  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='session')

@@ -33,7 +33,8 @@ from absl import flags, logging
 from flax import linen as nn
 
 from pplug_jax import storage
-from pplug_jax import cli, fileio, generation, metrics as metrics_lib, partitioning, tokenizers, validation
+from pplug_jax import (cli, fileio, generation, metrics as metrics_lib, partitioning, tokenizers,
+                       validation)
 from pplug_jax.baselines import runner, trainer
 from pplug_jax.data import lamp
 from pplug_jax.errors import ConfigError, UserError
