@@ -11,6 +11,7 @@ from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as ocp_multihost
 
 from pplug_jax.errors import ConfigError
 
@@ -121,27 +122,28 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-_barrier_count = 0
+_barrier_passes: dict[str, int] = {}  # name -> how often this process has passed it
 
 
 def sync(name: str, timeout_s: float = 24 * 3600) -> None:
-  """Waits until every process gets here (a no-op with one process).
+  """Waits until every process gets to the barrier `name` (a no-op with one process).
 
+  Each call site names its own barrier; the key adds how often this process has passed that
+  name, so a barrier passed again (a second trainer, a second job in one process) is a new one,
+  and a process that skips or adds one barrier stalls only there.
   A barrier in the coordination service's key-value store, not a device collective: one process
   may be busy for a long time first (precompute, the demo's base model), which a collective
   would time out on (gloo gives up after 30 s).
   """
-  global _barrier_count
   if jax.process_count() == 1:
     return
-  _barrier_count += 1
-  from jax._src import distributed  # the client jax.distributed.initialize() made
-  client = distributed.global_state.client
-  if client is None:
-    multihost_utils.sync_global_devices(name)
+  passes = _barrier_passes[name] = _barrier_passes.get(name, 0) + 1
+  key = f'pplug_jax/{name.replace(" ", "_")}/{passes}'
+  if not ocp_multihost.is_jax_distributed_client_initialized():  # processes without a service
+    multihost_utils.sync_global_devices(key)
     return
-  client.wait_at_barrier(f'pplug_jax/{_barrier_count}/{name.replace(" ", "_")}',
-                         int(timeout_s * 1000))
+  # orbax's public handle on the client jax.distributed.initialize() made
+  ocp_multihost.get_jax_distributed_client().wait_at_barrier(key, int(timeout_s * 1000))
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules,

@@ -63,6 +63,29 @@ def test_every_task_parses_query_and_profile_text(tmp_path, task):
   assert [i.id for i in lamp.recent_history(exs[0].profile, 5)] == ['100', '101']
 
 
+def test_raw_questions_are_the_files_entries_from_one_read(tmp_path, monkeypatch):
+  """The baselines' prompts take every profile field from the entries as read; the file is read
+  once for both the entries and the validated examples, and only on request are they kept."""
+  import ml_collections
+  from pplug_jax import storage
+  text, item, *_ = FIXTURES['LaMP_3']
+  qs = [{'id': '7', 'input': text, 'profile': [dict(item, id='70', date='2020-01-02')]},
+        {'id': '8', 'input': text, 'profile': []}]
+  _write(tmp_path, 'LaMP_3', 'dev', qs, [{'id': '7', 'output': '5'}, {'id': '8', 'output': '1'}])
+  opened = []
+  real_open = storage.open
+  monkeypatch.setattr(storage, 'open', lambda path, *a, **k: opened.append(path) or
+                      real_open(path, *a, **k))
+  config = ml_collections.ConfigDict({'task': 'LaMP_3', 'split_type': 'user',
+                                      'data': {'lamp_dir': str(tmp_path)}})
+  qfile, entries, examples = lamp.raw_questions(config, 'dev')
+  assert qfile == str(tmp_path / 'LaMP_3' / 'dev_questions.json')
+  assert entries == qs  # every field, the score and the date included
+  assert [e.id for e in examples] == ['7', '8'] and examples[0].output == '5'
+  assert opened.count(qfile) == 1
+  assert all(e.raw is None for e in lamp.load_split(str(tmp_path), 'LaMP_3', 'dev'))
+
+
 def test_time_layout_and_subfolder_and_test_without_outputs(tmp_path):
   text, item, *_ = FIXTURES['LaMP_3']
   folder = tmp_path / 'LaMP_time_3' / 'test'

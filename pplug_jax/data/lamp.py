@@ -47,6 +47,9 @@ class Example:
   query: str
   profile: tuple[ProfileItem, ...]
   output: str | None = None
+  # the entry as the file has it (every profile field, for the baselines' prompts); kept only
+  # when asked (`load_split(keep_raw=True)`), since a train split's raw entries are large
+  raw: dict[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def task_dir(lamp_dir: str, task: str, split_type: str = 'user') -> str:
@@ -84,8 +87,9 @@ def _str_field(obj: dict, key: str, where: str) -> str:
   return str(obj[key])
 
 
-def parse_questions(path: str, spec: TaskSpec) -> list[Example]:
-  """Parses and validates a `*_questions.json` (outputs are attached separately)."""
+def parse_questions(path: str, spec: TaskSpec, keep_raw: bool = False) -> list[Example]:
+  """Parses and validates a `*_questions.json` (outputs are attached separately); `keep_raw`
+  keeps each entry as read in `Example.raw`."""
   data = _load_json(path)
   if not isinstance(data, list):
     raise LampError(f'{path}: expected a JSON list of questions, got {type(data).__name__}.')
@@ -97,7 +101,8 @@ def parse_questions(path: str, spec: TaskSpec) -> list[Example]:
     if qid in seen:
       raise LampError(f'{path}: example id {qid}: duplicated id.')
     seen.add(qid)
-    examples.append(parse_question(q, spec, f'{path}: example id {qid}'))
+    example = parse_question(q, spec, f'{path}: example id {qid}')
+    examples.append(dataclasses.replace(example, raw=q) if keep_raw else example)
   return examples
 
 
@@ -150,11 +155,13 @@ def _check_number(value: str, where: str, spec: TaskSpec) -> None:
                     f'({", ".join(spec.labels)}). Fix the file or re-download it.')
 
 
-def load_split(lamp_dir: str, task: str, split: str, split_type: str = 'user') -> list[Example]:
-  """Reads one split of a task; train/dev carry outputs, test does not."""
+def load_split(lamp_dir: str, task: str, split: str, split_type: str = 'user',
+               keep_raw: bool = False) -> list[Example]:
+  """Reads one split of a task; train/dev carry outputs, test does not. `keep_raw` keeps each
+  question's entry as read (`Example.raw`)."""
   spec = task_spec(task)
   qfile, ofile = split_files(task_dir(lamp_dir, task, split_type), split)
-  examples = parse_questions(qfile, spec)
+  examples = parse_questions(qfile, spec, keep_raw)
   if ofile is None:
     if split != 'test':
       raise LampError(f'{qfile}: no {split}_outputs.json beside it; train and dev need outputs.')
@@ -227,10 +234,10 @@ def read_predictions(path: str) -> dict[str, str]:
 
 
 def raw_questions(config, split: str) -> tuple[str, list[dict], list[Example]]:
-  """(questions file, its entries as dicts, the validated examples): the prompts need every
-  profile field, which the parsed examples do not keep."""
+  """(questions file, its entries as read, the validated examples), from one read of the file:
+  the prompts need every profile field, which the parsed profile items do not keep."""
   root = task_dir(config.data.lamp_dir, config.task, config.split_type)
   qfile, _ = split_files(root, split)
-  examples = load_split(config.data.lamp_dir, config.task, split, config.split_type)
-  with storage.open(qfile, encoding='utf-8') as f:
-    return qfile, json.load(f), examples
+  examples = load_split(config.data.lamp_dir, config.task, split, config.split_type,
+                        keep_raw=True)
+  return qfile, [e.raw for e in examples], examples
