@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 
 import pytest
 
@@ -23,7 +24,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         '', 'errors', 'axis_rules', 'storage', 'fileio', 'scalars', 'workdir_lock', 'checkpoints',
         'partitioning')),
     ('data: LaMP files, records, pipeline, tokenizers, metrics, features, LaMP retrieval', (
-        'data', 'data.tasks', 'data.buckets', 'data.lamp', 'data.lamp_tfds', 'data.pipeline', 'data.records',
+        'data', 'data.tasks', 'data.buckets', 'data.lamp', 'data.longlamp', 'data.lamp_tfds',
+        'data.pipeline', 'data.records',
         'data.synthetic', 'tokenizers', 'metrics', 'features', 'baselines',
         'baselines.prompts', 'baselines.retrieval')),
     ('models', (
@@ -152,6 +154,34 @@ def test_the_layer_table_names_only_modules_that_exist():
   named = [m for _, members in LAYERS for m in members]
   assert len(named) == len(set(named))
   assert sorted(set(named) - modules) == []
+
+
+def readme_layout(readme: str) -> dict[int, set[str]]:
+  """{layer number: the .py files its rows of the README's "Layout" block name}."""
+  block = readme.split('## Layout', 1)[1].split('```', 2)[1]
+  files: dict[int, set[str]] = {}
+  layer = None
+  for line in block.splitlines():
+    head = line.split(maxsplit=1)
+    if head and head[0].isdigit():
+      layer = int(head[0])
+    elif line and not line.startswith(' '):  # configs/, scripts/, tests/: outside the package
+      layer = None
+    if layer is not None:
+      files.setdefault(layer, set()).update(re.findall(r'[\w/]+\.py', line))
+  return files
+
+
+def test_the_readmes_layout_shows_every_module_in_its_layer():
+  """The README's table is this file's: each layer's row names exactly its modules' files
+  (packages' __init__.py aside)."""
+  modules = package_modules(ROOT)
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    shown = readme_layout(f.read())
+  expected = {n + 1: {os.path.relpath(modules[m], os.path.join(ROOT, PACKAGE)).replace(
+      os.sep, '/') for m in members if not modules[m].endswith('__init__.py')}
+      for n, (_, members) in enumerate(LAYERS)}
+  assert shown == expected
 
 
 @pytest.mark.parametrize('source, expected', [

@@ -8,7 +8,10 @@ Each spec holds, side by side:
   an item, and the fields every item must have for the task's prompt;
 - LaMP's retrieval-augmented prompt (`create_*_prompt` in LaMP/prompts/prompts.py), applied by
   `baselines/prompts.py`.
-The two query rules differ on purpose (LaMP-7: PPlug reads after 'before or after it:', LaMP's
+LongLaMP's long-form tasks (Kumar et al., 2024) are specs of the same kind in `LONGLAMP_TASKS`,
+with the rules of LongLaMP's code (longLaMP/prompts/prompts.py): the query PPlug embeds is the
+whole input, and a history item's text is the item's retrieval corpus text.
+The two LaMP query rules differ on purpose (LaMP-7: PPlug reads after 'before or after it:', LaMP's
 rankers after the first ':'); both are the references' own. Adding a task is adding one spec.
 """
 
@@ -59,7 +62,12 @@ class TaskSpec:
   retrieval_query: Callable[[str], str | None]  # None: the input has no query (LaMP fails too)
   corpus_fields: tuple[str, ...]              # an item's text for the rankers
   required_fields: tuple[str, ...]            # what the prompt and the corpus read
-  prompt: PromptSpec
+  prompt: PromptSpec | None                   # None: LongLaMP's prompts (not yet built)
+  # the files: 'lamp' ({split}_questions.json + {split}_outputs.json), 'longlamp' (the
+  # Hugging Face release: one table per split of {input, output, profile}, no ids) or
+  # 'longlamp_email' (LongLaMP's Avocado builder: questions + a plain list of outputs)
+  file_format: str = 'lamp'
+  folder: str = ''                            # LongLaMP: the subset, before _user/_temporal
 
 
 def _after(marker: str) -> Callable[[str], str]:
@@ -167,6 +175,49 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
                                        f'patterns {x}',
                           header='are written by user. Following the given patterns')),
 )}
+
+
+def _stripped(text: str) -> str:
+  return text.strip()
+
+
+def _whole(text: str) -> str:
+  return text
+
+
+_LONG_METRICS = _ROUGE + (('meteor', 'METEOR', True),)
+
+
+def _longlamp(name: str, corpus: tuple[str, ...], retrieval_query: Callable[[str], str | None],
+              required: tuple[str, ...], file_format: str = 'longlamp') -> TaskSpec:
+  """A LongLaMP task: long generated text, PPlug's history = the retrieval corpus' text."""
+  return TaskSpec(
+      f'LongLaMP_{name}', 'generation', (), 512, 'rouge-1', 'max', _LONG_METRICS,
+      profile_fields=corpus, query=_stripped, official_marker=None,
+      retrieval_query=retrieval_query, corpus_fields=corpus, required_fields=required,
+      prompt=None, file_format=file_format, folder=name)
+
+
+# LongLaMP's corpus texts and retrieval queries (generate_query_for_* in prompts.py). The Hugging
+# Face release names a topic-writing item's fields summary/content, which LongLaMP's code reads as
+# input/output.
+LONGLAMP_TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    _longlamp('abstract_generation', ('title', 'abstract'), _lamp_after('items:'),
+              ('title', 'abstract')),
+    _longlamp('product_review', ('overall', 'summary', 'description', 'reviewText'), _whole,
+              ('overall', 'summary', 'description', 'reviewText')),
+    _longlamp('topic_writing', ('summary', 'content'), _whole, ('summary', 'content')),
+    _longlamp('email_completion', ('text',), _lamp_after(':'), ('title', 'text'),
+              file_format='longlamp_email'),
+)}
+
+
+def longlamp_spec(task: str) -> TaskSpec:
+  """'LongLaMP_product_review' or 'product_review' -> its TaskSpec."""
+  key = task if task.startswith('LongLaMP_') else f'LongLaMP_{task}'
+  if key not in LONGLAMP_TASKS:
+    raise LampError(f'Unknown LongLaMP task {task!r}; use one of {sorted(LONGLAMP_TASKS)}.')
+  return LONGLAMP_TASKS[key]
 
 
 def task_spec(task: str | int) -> TaskSpec:
