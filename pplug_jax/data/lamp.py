@@ -166,7 +166,12 @@ def load_split(lamp_dir: str, task: str, split: str, split_type: str = 'user',
     if split != 'test':
       raise LampError(f'{qfile}: no {split}_outputs.json beside it; train and dev need outputs.')
     return examples
-  golds = parse_outputs(ofile, spec)
+  return attach_outputs(examples, parse_outputs(ofile, spec), qfile, ofile)
+
+
+def attach_outputs(examples: list[Example], golds: dict[str, str], qfile: str,
+                   ofile: str) -> list[Example]:
+  """The examples with their outputs; the two files' ids must agree exactly."""
   ids = {e.id for e in examples}
   missing = sorted(ids - set(golds))
   extra = sorted(set(golds) - ids)

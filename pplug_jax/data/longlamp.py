@@ -145,13 +145,7 @@ def _email_split(files: list[str], split: str, spec: TaskSpec,
     if gid in golds:
       raise LampError(f'{ofile}: example id {gid}: duplicated id.')
     golds[gid] = _output(g, f'{ofile}: example id {gid}')
-  ids = {e.id for e in examples}
-  missing, extra = sorted(ids - set(golds)), sorted(set(golds) - ids)
-  if missing or extra:
-    raise LampError(f'{ofile}: output ids do not match {qfile}: '
-                    f'{len(missing)} questions without output (e.g. {missing[:3]}), '
-                    f'{len(extra)} outputs without question (e.g. {extra[:3]}).')
-  return [dataclasses.replace(e, output=golds[e.id]) for e in examples]
+  return lamp.attach_outputs(examples, golds, qfile, ofile)
 
 
 def load_split(longlamp_dir: str, task: str, split: str, split_type: str = 'user',
